@@ -1,0 +1,5 @@
+import sys
+
+from recfm.cli import main
+
+sys.exit(main())
