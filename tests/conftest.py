@@ -1,0 +1,36 @@
+"""Test tiers: the default run is fast and CPU-only; `--runslow` adds slow tests; GPU tests need CUDA;
+data tests need the public datasets beside the repository (../shared/data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_data = pytest.mark.skip(reason=f"public datasets not found at {SHARED_DATA}")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "data" in item.keywords and not SHARED_DATA.is_dir():
+            item.add_marker(skip_data)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The public datasets folder (tests using it are marked `data`)."""
+    return SHARED_DATA
