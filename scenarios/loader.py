@@ -98,8 +98,11 @@ def read_world(path: str | Path, problems: list[str]) -> WorldSpec | None:
     problems.extend(yaml_problems)
     if data is None:
         return None
-    data = dict(data) if isinstance(data, dict) else data
-    listed = data.pop("scenarios", _MISSING) if isinstance(data, dict) else _MISSING
+    if not isinstance(data, dict):
+        problem(problems, file, "", f"expected a mapping, got {strict.show(data)}")
+        return None
+    data = dict(data)
+    listed = data.pop("scenarios", _MISSING)  # file names here; the spec's field holds the loaded specs
 
     # 1-2. the world file itself
     world = strict.parse(WorldSpec, data, file=file, path="", problems=problems, given={"scenarios": (), "source_file": file})
@@ -111,7 +114,7 @@ def read_world(path: str | Path, problems: list[str]) -> WorldSpec | None:
         check_world(world, problems)
 
     # 3. the scenario list
-    files = _scenario_files(listed, file, problems) if isinstance(data, dict) else []
+    files = _scenario_files(listed, file, problems)
 
     # 4. each scenario file
     scenarios = tuple(s for s in (read_scenario(p, problems) for p in files) if s is not None)
