@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -229,21 +229,32 @@ class WorldSpec:
         return spec_hash((self.sequences, self.realtime, self.window_seconds))
 
 
-def _plain(obj):
+def _vocab_identity(vocab: Vocab) -> dict:
+    """A file vocabulary is identified by its contents, not by the (working-directory relative) path."""
+    plain = {"kind": vocab.kind.value, "size": vocab.size}
+    if vocab.path is not None:
+        p = Path(vocab.path)
+        plain["file"] = hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else p.name
+    return plain
+
+
+def _plain(obj, for_hash: bool = False):
+    if for_hash and isinstance(obj, Vocab):
+        return _vocab_identity(obj)
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items() if k != "source_file"}
+        return {k: _plain(v, for_hash) for k, v in obj.items() if k != "source_file"}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [_plain(v, for_hash) for v in obj]
     if hasattr(obj, "__dataclass_fields__"):
-        return _plain(asdict(obj))
+        return {f: _plain(getattr(obj, f), for_hash) for f in obj.__dataclass_fields__ if f != "source_file"}
     return obj
 
 
 def spec_hash(obj) -> str:
     """sha256 (first 16 hex digits) of a spec's canonical JSON form; ignores where it was loaded from."""
-    text = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(_plain(obj, for_hash=True), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
