@@ -1,0 +1,74 @@
+"""Group LayerNorm: a LayerNorm whose affine parameters are chosen per token group (MTGR).
+
+Layout::
+
+    x:      [N, d]      tokens of B samples concatenated
+    group:  [N] int64   group of each token (H kind, R, T of a scenario: see recfm.foundation.data.batch)
+    weight: [G, d]      one scale row per group
+    bias:   [G, d]      one shift row per group (or None)
+    out:    [N, d]
+
+The math is in :mod:`.reference`; ``impl`` picks the implementation from ``IMPLS``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recfm.errors import RecfmError
+from recfm.kernels.group_layer_norm.reference import group_layer_norm_reference
+
+IMPLS = {"reference": group_layer_norm_reference}
+
+__all__ = ["IMPLS", "group_layer_norm"]
+
+
+def group_layer_norm(
+    x: torch.Tensor,
+    group: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    impl: str = "reference",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Normalise each row of ``x`` and apply its group's affine parameters.
+
+    Args:
+        x: ``[N, d]`` float.
+        group: ``[N]`` int64 group id of each row, in ``[0, G)``.
+        weight: ``[G, d]`` float.
+        bias: ``[G, d]`` float, or ``None``.
+        eps: added to the variance.
+        impl: a key of ``IMPLS``.
+        validate: also check that group ids are in range (one host sync); shapes, dtypes and devices are
+            always checked. Everything is checked before any compute.
+
+    Returns:
+        ``[N, d]`` in ``x``'s dtype.
+
+    Raises:
+        RecfmError: naming the argument at fault.
+    """
+
+    def fail(message: str) -> None:
+        raise RecfmError(f"group_layer_norm: {message}")
+
+    if impl not in IMPLS:
+        fail(f"impl={impl!r} is not one of {sorted(IMPLS)}")
+    if x.dim() != 2 or not x.dtype.is_floating_point:
+        fail(f"x must be a floating [N, d] tensor, got {x.dtype} {tuple(x.shape)}")
+    n, d = x.shape
+    if group.shape != (n,) or group.dtype != torch.int64:
+        fail(f"group must be int64 [N={n}], got {group.dtype} {tuple(group.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (p.dim() != 2 or p.shape[1] != d or p.shape[0] < 1 or not p.dtype.is_floating_point):
+            fail(f"{name} must be a floating [G, d={d}] tensor, got {p.dtype} {tuple(p.shape)}")
+    if bias is not None and bias.shape != weight.shape:
+        fail(f"weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must have the same shape")
+    for name, t in (("group", group), ("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            fail(f"{name} is on {t.device} but x is on {x.device}")
+    if validate and n and (int(group.min()) < 0 or int(group.max()) >= weight.shape[0]):
+        fail(f"group ids must be in [0, {weight.shape[0]}), got {int(group.min())} .. {int(group.max())}")
+    return IMPLS[impl](x, group, weight, bias, float(eps))

@@ -1,0 +1,179 @@
+"""One HSTU layer (Zhai et al. 2024) with grouped-query attention and Group LayerNorm (MTGR), on jagged tokens.
+
+::
+
+    x_hat      = GLN_in(x)                                   per-token-group LayerNorm   [N, d_model]
+    U, Q       = SiLU(W_uq x_hat + b_uq)                     query rows only             [N_q, h*d_v], [N_q, h*d_qk]
+    V, K       = SiLU(W_vk x_hat + b_vk)                     every token                 [N, h_kv*d_v], [N, h_kv*d_qk]
+    O          = hstu_attention(Q, K, V, mask, rel. bias)    (kernels/hstu_attention)    [N_q, h*d_v]
+    y          = x + W_out(Dropout(GLN_attn(O) * U))         query rows updated, others pass through
+
+``[W_uq; W_vk]`` is the paper's single ``W1``, split in two so that a *target layer* (``query_index`` =
+the T rows) computes U and Q only for its queries while K and V cover every token: cost ``O(L_T * L)``.
+A full layer is the same code with every row a query.
+
+Choices (brief section 4 says public implementations differ; these are ours, each switchable in
+:class:`HSTUConfig` where an ablation needs it):
+
+* **SiLU on U, V, Q and K** (the HSTU paper's ``phi_1``). ``silu_on`` picks the subset; e.g. ``("u",)``
+  keeps Q/K/V linear as some public code does.
+* **Scale** ``alpha = 1 / sqrt(d_qk)`` (brief), overridable by ``attn_alpha``.
+* **Normaliser** ``length``: the sample's own token count, not the batch's padded maximum (brief; MTFM).
+  ``keys`` (number of visible keys) is the leak-tight alternative; ``max_len`` and ``none`` are there for
+  comparison with public code. See :class:`~recfm.kernels.hstu_attention.Normaliser`.
+* **Relative bias** per layer and per head (``bias_per_head``): relative event position and log-bucketed
+  time gap (:mod:`recfm.foundation.model.bias`); targets share one position slot so their order is
+  irrelevant.
+* **Group LayerNorm** before the projections and on the attention output (MTGR): one affine pair per token
+  group (H kind, R, T of each scenario), so tokens of different origin keep their own scale.
+* **Dropout** on ``GLN(O) * U`` only (as in the paper's eq. 3); set 0 for deterministic tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recfm.errors import ConfigError, RecfmError
+from recfm.foundation.model.bias import RelativeBias
+from recfm.foundation.model.mask import MaskMode
+from recfm.kernels.group_layer_norm import IMPLS as GLN_IMPLS
+from recfm.kernels.group_layer_norm import group_layer_norm
+from recfm.kernels.hstu_attention import IMPLS as ATTENTION_IMPLS
+from recfm.kernels.hstu_attention import Normaliser, hstu_attention
+
+PROJECTIONS = ("u", "v", "q", "k")
+
+
+@dataclass(frozen=True)
+class HSTUConfig:
+    """Shape and options of one HSTU layer (every layer of a backbone shares it)."""
+
+    d_model: int
+    num_heads: int = 1
+    num_kv_heads: int = 1  # GQA: num_heads % num_kv_heads == 0
+    d_qk: int = 64
+    d_v: int = 64
+    dropout: float = 0.0
+    attn_alpha: float | None = None  # None = 1 / sqrt(d_qk)
+    normaliser: Normaliser = Normaliser.LENGTH
+    silu_on: tuple[str, ...] = PROJECTIONS
+    use_pos_bias: bool = True
+    max_rel_pos: int = 256  # position bias table: 2 * max_rel_pos + 1 buckets
+    use_time_bias: bool = True
+    num_time_buckets: int = 32
+    time_bucket_base: float = 2.0
+    bias_per_head: bool = True
+    num_groups: int = 1  # Group LayerNorm groups (see recfm.foundation.data.batch)
+    norm_eps: float = 1e-5
+    impl: str = "reference"  # kernel implementation of attention and Group LayerNorm
+
+    def __post_init__(self):
+        problems = []
+        try:
+            object.__setattr__(self, "normaliser", Normaliser(self.normaliser))
+        except ValueError:
+            problems.append(f"hstu.normaliser: must be one of {[n.value for n in Normaliser]}, got {self.normaliser!r}")
+        object.__setattr__(self, "silu_on", tuple(self.silu_on))
+        for name in ("d_model", "num_heads", "num_kv_heads", "d_qk", "d_v", "num_groups", "num_time_buckets"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"hstu.{name}: must be an int >= 1, got {getattr(self, name)!r}")
+        heads_ok = all(isinstance(n, int) and n >= 1 for n in (self.num_heads, self.num_kv_heads))
+        if heads_ok and self.num_heads % self.num_kv_heads:
+            problems.append(f"hstu.num_kv_heads: must divide num_heads={self.num_heads}, got {self.num_kv_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"hstu.dropout: must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.max_rel_pos, int) or self.max_rel_pos < 0:
+            problems.append(f"hstu.max_rel_pos: must be an int >= 0, got {self.max_rel_pos!r}")
+        if not self.time_bucket_base > 1:
+            problems.append(f"hstu.time_bucket_base: must be > 1, got {self.time_bucket_base}")
+        if unknown := [p for p in self.silu_on if p not in PROJECTIONS]:
+            problems.append(f"hstu.silu_on: unknown projections {unknown}, choose from {list(PROJECTIONS)}")
+        if self.impl not in ATTENTION_IMPLS or self.impl not in GLN_IMPLS:
+            problems.append(f"hstu.impl: must be one of {sorted(set(ATTENTION_IMPLS) & set(GLN_IMPLS))}, got {self.impl!r}")
+        if problems:
+            raise ConfigError(problems)
+
+
+class GroupLayerNorm(nn.Module):
+    """LayerNorm with one ``(weight, bias)`` row per token group: ``[N, dim]``, group ``[N]`` -> ``[N, dim]``."""
+
+    def __init__(self, num_groups: int, dim: int, eps: float = 1e-5, impl: str = "reference"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_groups, dim))
+        self.bias = nn.Parameter(torch.zeros(num_groups, dim))
+        self.eps, self.impl = eps, impl
+
+    def forward(self, x: torch.Tensor, group: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        return group_layer_norm(x, group, self.weight, self.bias, self.eps, impl=self.impl, validate=validate)
+
+
+class HSTULayer(nn.Module):
+    """One HSTU layer; a *full* layer without ``query_index``, a *target* layer with it (module docstring)."""
+
+    def __init__(self, config: HSTUConfig):
+        super().__init__()
+        c = self.config = config
+        self.norm_in = GroupLayerNorm(c.num_groups, c.d_model, c.norm_eps, c.impl)
+        self.proj_uq = nn.Linear(c.d_model, c.num_heads * (c.d_v + c.d_qk))
+        self.proj_vk = nn.Linear(c.d_model, c.num_kv_heads * (c.d_v + c.d_qk))
+        self.bias = RelativeBias(
+            c.num_heads, use_pos=c.use_pos_bias, max_rel_pos=c.max_rel_pos, use_time=c.use_time_bias,
+            num_time_buckets=c.num_time_buckets, time_bucket_base=c.time_bucket_base, per_head=c.bias_per_head,
+        )
+        self.norm_attn = GroupLayerNorm(c.num_groups, c.num_heads * c.d_v, c.norm_eps, c.impl)
+        self.dropout = nn.Dropout(c.dropout)
+        self.proj_out = nn.Linear(c.num_heads * c.d_v, c.d_model)
+
+    def _act(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return F.silu(t) if name in self.config.silu_on else t
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        *,
+        token_type: torch.Tensor | None,
+        timestamps: torch.Tensor | None,
+        group: torch.Tensor,
+        max_len: int,
+        mask_mode: MaskMode | str = MaskMode.MIXED,
+        query_index: torch.Tensor | None = None,
+        validate: bool = True,
+    ) -> torch.Tensor:
+        """Apply the layer to jagged tokens.
+
+        Args:
+            x: ``[N, d_model]`` tokens of B samples; offsets ``[B+1]`` int64; token_type ``[N]``;
+                timestamps ``[N]`` int64; group ``[N]`` int64; max_len host int (see ``hstu_attention``).
+            mask_mode: ``mixed`` | ``causal`` | ``full``.
+            query_index: ``[N_q]`` int64 distinct rows that are queries (a target layer: the T rows);
+                ``None`` = every row (a full layer).
+            validate: check values of offsets/types/rows/groups (host syncs); shapes are always checked.
+
+        Returns:
+            ``[N, d_model]``: the query rows updated, every other row equal to ``x``.
+        """
+        c = self.config
+        if x.dim() != 2 or x.shape[1] != c.d_model:
+            raise RecfmError(f"HSTULayer: x must be [N, d_model={c.d_model}], got {tuple(x.shape)}")
+        x_hat = self.norm_in(x, group, validate)
+        v, k = self.proj_vk(x_hat).split([c.num_kv_heads * c.d_v, c.num_kv_heads * c.d_qk], dim=1)
+        x_q, group_q = (x, group) if query_index is None else (x[query_index], group[query_index])
+        x_hat_q = x_hat if query_index is None else x_hat[query_index]
+        u, q = self.proj_uq(x_hat_q).split([c.num_heads * c.d_v, c.num_heads * c.d_qk], dim=1)
+        u, v, q, k = self._act("u", u), self._act("v", v), self._act("q", q), self._act("k", k)
+
+        out = hstu_attention(
+            q.view(-1, c.num_heads, c.d_qk), k.view(-1, c.num_kv_heads, c.d_qk),
+            v.view(-1, c.num_kv_heads, c.d_v), offsets,
+            max_len=max_len, token_type=token_type, timestamps=timestamps, mask_mode=mask_mode,
+            pos_bias=self.bias.pos_table, time_bias=self.bias.time_table,
+            time_bucket_base=self.bias.time_bucket_base, alpha=c.attn_alpha, normaliser=c.normaliser,
+            query_index=query_index, impl=c.impl, validate=validate,
+        )  # [N_q, h, d_v]
+        y = x_q + self.proj_out(self.dropout(self.norm_attn(out.flatten(1), group_q, validate) * u))
+        return y if query_index is None else x.index_copy(0, query_index, y)

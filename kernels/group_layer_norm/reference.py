@@ -1,0 +1,30 @@
+"""Group LayerNorm in plain PyTorch: the specification the fused kernel is tested against.
+
+Each row is normalised over its features (mean 0, variance 1, biased variance, ``eps`` inside the square
+root), then scaled and shifted by the parameters of *its own* group::
+
+    y_i = (x_i - mean(x_i)) / sqrt(var(x_i) + eps) * weight[group_i] + bias[group_i]
+
+Computed in float32 (float64 when ``x`` is float64), returned in ``x``'s dtype; works on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def group_layer_norm_reference(
+    x: torch.Tensor,
+    group: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """``x [N, d]``, ``group [N]`` int64, ``weight``/``bias [G, d]`` -> ``[N, d]`` (inputs already validated)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    normed = F.layer_norm(x.to(dtype), (x.shape[1],), eps=eps)
+    y = normed * weight.to(dtype)[group]
+    if bias is not None:
+        y = y + bias.to(dtype)[group]
+    return y.to(x.dtype)
