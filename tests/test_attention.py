@@ -36,11 +36,18 @@ def allowed_py(mode, type_i, type_j, t_i, t_j, pos_i, pos_j) -> bool:
     return pos_i == pos_j  # key is T: only itself
 
 
-def event_positions_py(types):
-    out, events = [], 0
-    for ty in types:
-        out.append(events)
-        events += ty != T
+def event_positions_py(types, stamps):
+    """Number of H/R events before each token: H by position; R by (time, position); T by time, strictly."""
+    out = []
+    for i, (ty, t) in enumerate(zip(types, stamps)):
+        hs = [j for j, tj in enumerate(types) if tj == H]
+        rs = [j for j, tj in enumerate(types) if tj == R]
+        if ty == H:
+            out.append(sum(j < i for j in hs))
+        elif ty == R:
+            out.append(len(hs) + sum((stamps[j], j) < (t, i) for j in rs))
+        else:
+            out.append(len(hs) + sum(stamps[j] < t for j in rs))
     return out
 
 
@@ -61,7 +68,7 @@ def dense_attention(q, k, v, offsets, types, stamps, mode, pos_bias, time_bias, 
     stamps = stamps.tolist() if stamps is not None else [0] * n
     for b in range(len(off) - 1):
         s, e = off[b], off[b + 1]
-        ev = event_positions_py(types[s:e])
+        ev = event_positions_py(types[s:e], stamps[s:e])
         for i in range(s, e):
             for j in range(s, e):
                 mask[i, j] = float(allowed_py(mode, types[i], types[j], stamps[i], stamps[j], i - s, j - s))
@@ -142,10 +149,22 @@ def test_buckets_and_event_positions():
         assert time_buckets(dt, k, base).tolist() == [time_bucket_py(x, k, base) for x in dt.tolist()]
     assert time_buckets(torch.tensor([0, 1, 2, 3, 6, 7, 10**12]), 8, 2.0).tolist() == [0, 1, 1, 2, 2, 3, 7]
     assert position_buckets(torch.tensor([-9, -2, 0, 2, 9]), 5).tolist() == [0, 0, 2, 4, 4]
-    offsets = torch.tensor([0, 5, 5, 8])
-    types = torch.tensor([H, H, R, T, T, H, R, T], dtype=torch.int8)
-    assert event_positions(offsets, types, 8).tolist() == [0, 1, 2, 3, 3, 0, 1, 2]
-    assert event_positions(offsets, None, 8).tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    offsets = torch.tensor([0, 7, 7, 10])
+    #                     H  H  R  R  R  T  T    H  R  T
+    types = torch.tensor([H, H, R, R, R, T, T, H, R, T], dtype=torch.int8)
+    stamps = torch.tensor([5, 1, 3, 3, 6, 3, 9, 0, 4, 4])
+    assert event_positions(offsets, types, stamps, 10).tolist() == [0, 1, 2, 3, 4, 2, 5, 0, 1, 1]
+    assert event_positions(offsets, None, None, 10).tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+    rng = random.Random(12)
+    lengths = [rng.randint(0, 9) for _ in range(20)]
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    types = [rng.choice((H, R, T)) for _ in range(sum(lengths))]
+    stamps = [rng.randint(0, 4) for _ in types]
+    want = []
+    for s, e in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        want += event_positions_py(types[s:e], stamps[s:e])
+    got = event_positions(offsets, torch.tensor(types, dtype=torch.int8), torch.tensor(stamps), len(types))
+    assert got.tolist() == want
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -168,9 +187,10 @@ def test_hand_computed_value():
 
 @pytest.mark.parametrize("mode", ["mixed", "causal", "full"])
 @pytest.mark.parametrize("normaliser", ["length", "keys", "max_len", "none"])
-def test_mha_matches_dense_explicit_mask(mode, normaliser):
+@pytest.mark.parametrize("layout", [True, False], ids=["layout", "random_types"])
+def test_mha_matches_dense_explicit_mask(mode, normaliser, layout):
     lengths = [7, 0, 1, 12, 3]
-    q, k, v, offsets, types, stamps = jagged_inputs(lengths, h=3, h_kv=3, seed=2)
+    q, k, v, offsets, types, stamps = jagged_inputs(lengths, h=3, h_kv=3, seed=2, layout=layout)
     pos_bias = torch.randn(3, 7, dtype=torch.float64)
     time_bias = torch.randn(1, 6, dtype=torch.float64)
     out = hstu_attention(q, k, v, offsets, max_len=14, token_type=types, timestamps=stamps, mask_mode=mode,
@@ -276,6 +296,7 @@ def _good_args():
     (lambda a: a.update(token_type=torch.tensor([0, 1, 2, 3, 0])), "token_type values"),
     (lambda a: a.update(timestamps=a["timestamps"].int()), "timestamps must be int64"),
     (lambda a: a.update(pos_bias=torch.zeros(4, 4)), "odd number"),
+    (lambda a: a.update(pos_bias=torch.zeros(1, 5), timestamps=None, mask_mode="causal"), "needs timestamps"),
     (lambda a: a.update(time_bias=torch.zeros(3, 4)), "time_bias must be"),
     (lambda a: a.update(mask_mode="sideways"), "sideways"),
     (lambda a: a.update(normaliser="mean"), "mean"),

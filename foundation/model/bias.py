@@ -5,12 +5,17 @@ time_bucket]`` added before the SiLU (brief section 4). The bucketing is part of
 specification (a fused kernel computes the buckets per tile), so it lives here as plain functions:
 
 * **Position.** ``rel = p_i - p_j`` clipped to ``[-P, P]``, bucket ``rel + P``; a table of ``2P + 1``
-  columns. ``p`` is the token's *event position* (:func:`event_positions`): its index among the sample's H/R
-  tokens, and for a T token the number of H/R tokens before it -- every target sits in the slot of "the
-  next event". With T tokens after all H/R tokens (the batch layout), ``p`` is the plain index for H/R
-  tokens and ``L_HR`` for every target. This makes a target's bias independent of how many other targets
-  there are and of their order (permuting targets permutes outputs; brief section 3: targets never see
-  each other, not even through their positions).
+  columns. ``p`` is the token's *event position* (:func:`event_positions`): the number of H/R events
+  that come before it --
+
+  * an H token: the H tokens before it by position;
+  * an R token: all H tokens, plus the R tokens before it in (timestamp, position) order;
+  * a T token: all H tokens, plus the R tokens strictly earlier in time -- exactly the events it may
+    see, so a target sits in the slot of "the next event" after what it sees.
+
+  With the batch layout (H, then R in time order, then T) an H/R token's ``p`` is its plain index. A
+  target's ``p`` depends on nothing the mask hides from it: not on later R events, not on other targets
+  or their order (permuting targets permutes outputs).
 * **Time.** ``dt = |t_i - t_j|`` in seconds, bucket ``min(floor(log(1 + dt) / log(base)), K - 1)`` for
   a table of ``K`` columns. It is evaluated exactly in integers: ``bucket = #{k : dt >= b_k}`` with
   boundaries ``b_k = ceil(base ** (k + 1)) - 1`` (:func:`time_bucket_boundaries`), so a kernel and the
@@ -61,20 +66,33 @@ def sample_ids(offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return torch.repeat_interleave(samples, lengths, output_size=num_tokens)
 
 
-def event_positions(offsets: torch.Tensor, token_type: torch.Tensor | None, num_tokens: int) -> torch.Tensor:
-    """``[N]`` int64 event position of every token inside its sample (module docstring).
+def event_positions(
+    offsets: torch.Tensor, token_type: torch.Tensor | None, timestamps: torch.Tensor | None, num_tokens: int
+) -> torch.Tensor:
+    """``[N]`` int64 event position of every token inside its sample (module docstring); no host sync.
 
     Args:
         offsets: ``[B+1]`` int64 sample offsets.
-        token_type: ``[N]`` token types, or ``None`` to treat every token as an event (plain positions).
+        token_type: ``[N]`` token types, or ``None`` to treat every token as an H event (plain positions).
+        timestamps: ``[N]`` int64; needed when ``token_type`` is given.
         num_tokens: ``N``.
     """
+    index = torch.arange(num_tokens, device=offsets.device)
+    samples = sample_ids(offsets, num_tokens)
     if token_type is None:
-        is_event = torch.ones(num_tokens, dtype=torch.int64, device=offsets.device)
-    else:
-        is_event = (token_type != int(TokenType.T)).to(torch.int64)
-    before = torch.cat([is_event.new_zeros(1), torch.cumsum(is_event, 0)])  # [N+1] events among rows < i
-    return before[:-1] - before[offsets[:-1]][sample_ids(offsets, num_tokens)]
+        return index - offsets[samples]
+    is_h = token_type == int(TokenType.H)
+    is_event = token_type != int(TokenType.T)
+    # Event order inside a sample: H by position; then R and T by time, T first on a tie (a target sees
+    # only strictly earlier R), then by position. Sort by the least significant key first (stable sorts).
+    order = index
+    for key in (is_event.to(torch.int64), torch.where(is_h, 0, timestamps), (~is_h).to(torch.int64), samples):
+        order = order[torch.argsort(key[order], stable=True)]
+    events = is_event[order].to(torch.int64)
+    before = torch.cat([events.new_zeros(1), torch.cumsum(events, 0)])  # [N+1] events before sorted row r
+    # sorting keeps each sample's rows in its own slice offsets[b]:offsets[b+1]
+    positions_sorted = before[:-1] - before[offsets[:-1]][samples]
+    return torch.empty_like(positions_sorted).index_copy_(0, order, positions_sorted)
 
 
 class RelativeBias(nn.Module):

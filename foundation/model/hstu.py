@@ -22,8 +22,8 @@ Choices (brief section 4 says public implementations differ; these are ours, eac
   ``keys`` (number of visible keys) is the leak-tight alternative; ``max_len`` and ``none`` are there for
   comparison with public code. See :class:`~recfm.kernels.hstu_attention.Normaliser`.
 * **Relative bias** per layer and per head (``bias_per_head``): relative event position and log-bucketed
-  time gap (:mod:`recfm.foundation.model.bias`); targets share one position slot so their order is
-  irrelevant.
+  time gap (:mod:`recfm.foundation.model.bias`); a target's position counts only the events it may
+  see, so neither later events nor other targets move it.
 * **Group LayerNorm** before the projections and on the attention output (MTGR): one affine pair per token
   group (H kind, R, T of each scenario), so tokens of different origin keep their own scale.
 * **Dropout** on ``GLN(O) * U`` only (as in the paper's eq. 3); set 0 for deterministic tests.

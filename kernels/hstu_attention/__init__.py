@@ -55,7 +55,8 @@ def hstu_attention(
         offsets: ``[B+1]`` int64, ``0 = offsets[0] <= ... <= offsets[B] = N``.
         max_len: host int, the longest sample (``>=`` every sample length).
         token_type: ``[N]`` integer :class:`~recfm.scenarios.spec.TokenType`; needed by the ``mixed`` mask.
-            When given it also sets the event positions of the position bias (targets share one slot).
+            When given it also sets the event positions of the position bias (a target's position is the
+            number of events it sees; see recfm.foundation.model.bias).
         timestamps: ``[N]`` int64 seconds; needed by the ``mixed`` mask and by ``time_bias``.
         mask_mode: ``mixed`` | ``causal`` | ``full``.
         pos_bias: ``[h or 1, 2P + 1]`` relative-position bias table, or ``None``.
@@ -161,6 +162,8 @@ def _check_args(q, k, v, offsets, max_len, token_type, timestamps, mask_mode, po
         fail("mask_mode='mixed' needs token_type and timestamps")
     if time_bias is not None and timestamps is None:
         fail("time_bias needs timestamps")
+    if pos_bias is not None and token_type is not None and timestamps is None:
+        fail("pos_bias with token_type needs timestamps (event positions order R/T tokens by time)")
     if token_type is not None and (token_type.shape != (n,) or token_type.dtype.is_floating_point
                                    or token_type.dtype == torch.bool):
         fail(f"token_type must be an integer tensor [N={n}], got {token_type.dtype} {tuple(token_type.shape)}")

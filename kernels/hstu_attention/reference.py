@@ -79,7 +79,7 @@ def hstu_attention_reference(
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     pos_bias = None if pos_bias is None else pos_bias.to(dtype)
     time_bias = None if time_bias is None else time_bias.to(dtype)
-    positions = event_positions(offsets, token_type, num_tokens) if pos_bias is not None else None
+    positions = event_positions(offsets, token_type, timestamps, num_tokens) if pos_bias is not None else None
 
     # Sort the query rows by sample so that each sample's queries are one contiguous slice.
     if query_index is None:
