@@ -20,8 +20,9 @@ for tests and CPU smoke runs. Per-head widths are ``d_model / num_heads`` (256 i
 
 from __future__ import annotations
 
+import difflib
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from recfm.configs import config_path
@@ -155,14 +156,17 @@ def load_model_config(config: str | Path) -> ModelConfig:
         raise ConfigError(problems)
     if not isinstance(data, dict):
         raise ConfigError([f"{file}: expected a mapping, got {strict.show(data)}"])
-    given = {}
-    for key, cls in _SECTIONS.items():
-        if key in data:
-            given[key] = _section(cls, data[key], file, key, problems)
-    rest = {k: v for k, v in data.items() if k not in _SECTIONS}
+    known = [f.name for f in fields(ModelConfig) if f.name != "source_file"]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            strict.problem(problems, file, str(key), f"unknown key ({hint})")
+    given = {key: _section(cls, data[key], file, key, problems) for key, cls in _SECTIONS.items() if key in data}
     if "backbone" not in data:
         strict.problem(problems, file, "backbone", "missing required key")
         given["backbone"] = None
+    rest = {k: v for k, v in data.items() if k in known and k not in _SECTIONS}
     config = strict.parse(ModelConfig, rest, file=file, path="", problems=problems, given={**given, "source_file": file})
     if problems:
         raise ConfigError(problems)
