@@ -212,3 +212,24 @@ def test_batch_disagreeing_with_spec_is_a_data_error():
     batch.targets["feed"] = replace(g, numeric_names=("other",))
     with pytest.raises(DataError, match="numeric columns \\['other'\\]"):
         emb(batch)
+
+
+def test_forward_calls_no_fbgemm_op():
+    """The hot path must run where fbgemm's CUDA ops are absent (torch 2.11 CUDA machines)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    emb = TokenEmbedder(WORLD, None, d_model=8, hidden=4)
+    batch = make_batch(emb, SIZES)
+    with Ops() as ops:
+        emb(batch).sum().backward()
+    assert "aten::embedding" in ops.names
+    assert not [n for n in ops.names if n.startswith("fbgemm")]
