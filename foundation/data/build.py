@@ -231,9 +231,13 @@ def build_samples(
     on_bad_row: str = "error",
     *,
     progress: bool = True,
+    partitions: int | None = None,
 ) -> BuildReport:
     """Build samples from raw logs into ``out`` (see the module docstring); returns the report it also
-    writes to ``<out>/build_report.json``."""
+    writes to ``<out>/build_report.json``.
+
+    ``partitions`` forces the number of user-range partitions (default: derived from the input size and
+    ``memory_mb``); the samples do not depend on it, only how the work is split."""
     _check_args(layout, memory_mb, on_bad_row)
     start_time = time.perf_counter()
     world = _resolve_world(world)
@@ -249,7 +253,7 @@ def build_samples(
     with tqdm(desc="build: scan", unit=" rows", disable=not progress) as bar:
         scanned = scan(world, ev_files, ex_files, skip=skip, progress=bar, **read)
     need = scanned.event_rows * (ev_w + _EVENT_OVERHEAD) + scanned.exposure_rows * (ex_w + _EXPOSURE_OVERHEAD)
-    parts = int(min(4096, max(1, math.ceil(need / (budget / 4)))))
+    parts = partitions or int(min(4096, max(1, math.ceil(need / (budget / 4)))))
     bounds = scanned.users.bounds(parts)
     parts = len(bounds) + 1
 
