@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -403,3 +402,17 @@ def test_adapters_consume_a_collated_batch(world):
     b = collate(table_of(world, rows3()), world)
     x = TokenEmbedder(world, None, d_model=8, hidden=16)(b)
     assert x.shape == (b.num_tokens, 8) and bool((x.abs().sum(1) > 0).all())  # every token was tokenized
+
+
+def test_loader_errors_name_the_file(world, tmp_path):
+    rows = rows3()
+    rows[2]["t_feed"][0]["ctr"] = float("nan")
+    path = tmp_path / "bad.parquet"
+    pq.write_table(table_of(world, rows), path)
+    ds = SampleDataset(path, world, batch_size=2, prefetch=1)
+    with pytest.raises(DataError, match=r"bad.parquet row group 0: scenario 'feed' feature 'ctr': non-finite"):
+        list(ds)
+    with pytest.raises(DataError, match="no such sample file"):
+        SampleDataset(tmp_path / "nope", world, batch_size=2)
+    with pytest.raises(ConfigError, match="batch_size, max_tokens"):
+        SampleDataset(path, world)

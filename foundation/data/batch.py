@@ -73,7 +73,8 @@ class TokenGroup:
         name: sequence kind or scenario name.
         token_index: ``[n]`` int64, rows of the batch's flat token sequence these tokens occupy.
         sparse: ``KeyedJaggedTensor`` of embedded features (categoricals and bucketised numerics), one value
-            per token and key, values already table rows; ``None`` when the group has none.
+            per token and key, values already table rows; ``None`` when the group has none. Built with host-side
+            ``stride``/``length_per_key``/``offset_per_key``, so reading it needs no device synchronisation.
         numeric: ``[n, n_numeric]`` float32, transformed numeric features (``numeric_names`` order).
         dense: ``[n, sum of dense lengths]`` float32 dense-vector features concatenated (``dense_names``).
     """
