@@ -195,6 +195,9 @@ def test_file_vocab(tmp_path):
     (tmp_path / "v.txt").write_text("5\nfoo\n-3\n")
     enc = FeatureEncoder(cat("s", 4, VocabKind.FILE, path="v.txt"), "s", str(tmp_path / "w.yaml"))
     foo = int(string_ids(["foo"])[0])
+    from recfm.foundation.data.build_convert import stable_hash  # vocab strings hash as the builder's do
+
+    assert foo == stable_hash(pa.array(["foo"])).to_pylist()[0]
     assert enc.encode(pa.array([-3, 5, foo, 8, None], pa.int64())).tolist() == [3, 1, 2, 0, 0]
     with pytest.raises(ConfigError, match="cannot hold 3 ids"):
         FeatureEncoder(cat("s", 3, VocabKind.FILE, path="v.txt"), "s", str(tmp_path / "w.yaml"))

@@ -31,12 +31,13 @@ through ``Batch.timestamps``); :class:`GroupEncoder` skips them.
 **The hash.** ``mix64`` is the splitmix64 finaliser applied to the id's 64 bits (``z += 0x9E3779B97F4A7C15;
 z = (z ^ z>>30) * 0xBF58476D1CE4E5B9; z = (z ^ z>>27) * 0x94D049BB133111EB; z ^= z>>31``, all modulo
 2**64). It has no seed and no per-table salt: the same id lands on the same row of a table of the same size
-in every scenario, sequence, process and machine. String ids are turned into int64 ids by
-:func:`string_ids` (blake2b, 8 bytes, little endian) before hashing; the sample builder and vocabulary files
-use the same function, so a string id means the same row everywhere.
+in every scenario, sequence, process and machine. String ids were turned into int64 ids by the sample
+builder (:func:`recfm.foundation.data.build_convert.stable_hash`); vocabulary files use the same function
+(:func:`string_ids`), so a string id means the same row everywhere.
 
-**Vocabulary files.** UTF-8 text, one id per line; blank lines are ignored; a line that parses as an
-integer is that int64 id, any other line is a string id (mapped with :func:`string_ids`). The id on the
+**Vocabulary files.** UTF-8 text, one id per line; blank lines are ignored; a line that is an integer
+literal (``-7``, ``42``) is that int64 id, any other line is a string id (mapped with :func:`string_ids`),
+the builder's rule for raw id columns. The id on the
 i-th non-blank line (0-based) maps to row ``i + 1``; the file needs ``size >= lines + 1``. A relative
 ``vocab.path`` is resolved against the folder of the YAML file that declared it.
 """
@@ -44,7 +45,7 @@ i-th non-blank line (0-based) maps to row ``i + 1``; the file needs ``size >= li
 from __future__ import annotations
 
 import enum
-import hashlib
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +78,13 @@ def hash_rows(ids: np.ndarray, size: int) -> np.ndarray:
 
 
 def string_ids(values: Iterable[str]) -> np.ndarray:
-    """int64 ids of string ids: the first 8 bytes (little endian, signed) of blake2b(utf-8) -> ``[n]``."""
-    out = [int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little", signed=True) for v in values]
-    return np.asarray(out, dtype=np.int64)
+    """int64 ids of string ids ``[n]``, exactly as the sample builder hashes raw string ids."""
+    from recfm.foundation.data.build_convert import stable_hash  # the builder's function is the definition
+
+    return stable_hash(pa.array(list(values), pa.string())).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+_INT = re.compile(r"^[+-]?[0-9]{1,19}$")
 
 
 def load_vocab_file(path: Path, where: str = "vocab") -> np.ndarray:
@@ -92,9 +97,10 @@ def load_vocab_file(path: Path, where: str = "vocab") -> np.ndarray:
     ids = np.empty(len(lines), dtype=np.int64)
     strings: list[tuple[int, str]] = []
     for i, line in enumerate(lines):
-        try:
-            ids[i] = int(line)
-        except ValueError:
+        value = int(line) if _INT.match(line) else None
+        if value is not None and -(2**63) <= value < 2**63:
+            ids[i] = value
+        else:
             strings.append((i, line))
     if strings:
         ids[[i for i, _ in strings]] = string_ids(s for _, s in strings)
