@@ -22,6 +22,8 @@ per chunk, optionally by several processes: the data is identical whatever the c
 from __future__ import annotations
 
 import concurrent.futures as cf
+import multiprocessing as mp
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from recfm.foundation.data.synth_block import generate_block
 from recfm.foundation.data.synth_config import SynthConfig, check_against_world, load_synth_config
 from recfm.foundation.data.synth_report import ChunkStats, SynthReport, build_report
 from recfm.foundation.data.synth_truth import Truth, build_truth
+from recfm.scenarios.loader import load_world
 from recfm.scenarios.spec import WorldSpec
 
 EVENTS = "events"
@@ -47,7 +50,7 @@ def synth_world(
     synth: SynthConfig | str | Path | None = None,
     *,
     chunk_blocks: int | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     progress: bool = True,
 ) -> SynthReport:
     """Generate a world's raw logs into ``out_dir`` and return (and write) its report.
@@ -59,11 +62,10 @@ def synth_world(
         world: a WorldSpec, a world YAML path, or None for the embedded world.
         synth: a SynthConfig, a synth YAML path, or None for the shipped configs/world/synth.yaml.
         chunk_blocks: blocks of users per part file (default: the size's ``chunk_blocks``).
-        workers: processes writing chunks in parallel (output is the same for any value).
+        workers: processes writing chunks in parallel (default: the size's ``workers``; 0: one per CPU
+            core). The output is the same for any value.
         progress: show a tqdm progress bar (stderr).
     """
-    from recfm.scenarios.loader import load_world
-
     t0 = time.perf_counter()
     world_spec = world if isinstance(world, WorldSpec) else load_world(world)
     cfg = synth if isinstance(synth, SynthConfig) else load_synth_config(synth)
@@ -77,6 +79,9 @@ def synth_world(
     per_chunk = chunk_blocks or size_gen.chunk_blocks
     n_blocks = -(-size_gen.users // size_gen.block_users)
     chunks = [range(b, min(b + per_chunk, n_blocks)) for b in range(0, n_blocks, per_chunk)]
+    if workers is None:
+        workers = size_gen.workers
+    workers = min(workers or os.cpu_count() or 1, len(chunks))
     stats = ChunkStats()
     bar = _progress_bar(size_gen.users, progress)
     if workers <= 1:
@@ -84,9 +89,11 @@ def synth_world(
         results = (_write_chunk(truth, seed, i, c, out) for i, c in enumerate(chunks))
         _collect(results, stats, bar)
     else:
-        with cf.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(world_spec, cfg, size_gen, seed)) as pool:
+        spawn = mp.get_context("spawn")  # never fork a parent that may hold torch or tqdm threads
+        with cf.ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker,
+                                    initargs=(world_spec, cfg, size_gen, seed)) as pool:
             futures = [pool.submit(_worker_chunk, seed, i, c, out) for i, c in enumerate(chunks)]
-            _collect((f.result() for f in futures), stats, bar)
+            _collect((f.result() for f in cf.as_completed(futures)), stats, bar)  # bounded memory
     bar.close()
     report = build_report(world_spec, stats, size=size, seed=seed, out_dir=str(out), seconds=time.perf_counter() - t0)
     report.write_json(out / REPORT)

@@ -118,6 +118,7 @@ class SizeGen:
     window_days: int
     block_users: int = 256  # users per random block: the unit of seeding (output never depends on chunks)
     chunk_blocks: int = 4  # blocks per written part file
+    workers: int = 1  # processes writing part files (0: one per CPU core); the output is the same
 
     @property
     def chunk_users(self) -> int:
@@ -176,8 +177,9 @@ def _check_self(cfg: SynthConfig, problems: list[str]) -> None:
         for key in ("users", "items", "window_days", "block_users", "chunk_blocks"):
             if getattr(size, key) <= 0:
                 bad(f"sizes.{name}.{key}", "must be > 0")
-        if size.history_days < 0:
-            bad(f"sizes.{name}.history_days", "must be >= 0")
+        for key in ("history_days", "workers"):
+            if getattr(size, key) < 0:
+                bad(f"sizes.{name}.{key}", "must be >= 0")
     for name, sc in cfg.scenarios.items():
         if sc.traffic < 0 or not 0 <= sc.participation <= 1 or not 0 <= sc.conversion <= 1 or sc.items <= 0:
             bad(f"scenarios.{name}", "traffic >= 0, items > 0, participation and conversion in [0, 1]")
