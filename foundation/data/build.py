@@ -66,6 +66,43 @@ _EXPOSURE_OVERHEAD = 64
 
 
 @dataclass(frozen=True)
+class Budget:
+    """How ``memory_mb`` (``total`` bytes) is shared out between the build's buffers.
+
+    The build's own Arrow buffers and numpy arrays stay within about half of the total; the other half is
+    headroom for what process RSS counts on top: the allocators' caches of freed memory (Arrow's mimalloc
+    pool, glibc) and readers' buffers. tests/test_build_memory.py measures the RSS growth.
+    """
+
+    total: int
+
+    @property
+    def partition(self) -> int:
+        """One partition in pass 2: its canonical rows plus sort/rank temporaries (``_*_OVERHEAD``)."""
+        return self.total // 8
+
+    @property
+    def chunk(self) -> int:
+        """Sample rows assembled at once in pass 2 (estimated in-memory bytes)."""
+        return self.total // 16
+
+    @property
+    def row_group(self) -> int:
+        """Rows buffered before they are written as one Parquet row group."""
+        return min(128 << 20, self.total // 16)
+
+    @property
+    def spill_buffer(self) -> int:
+        """Canonical rows buffered in pass 1 before the largest partitions' buffers are written."""
+        return self.total // 16
+
+    @property
+    def input_batch(self) -> int:
+        """One raw record batch (rows x estimated row bytes; CSV block size)."""
+        return self.total // 32
+
+
+@dataclass(frozen=True)
 class BuildReport:
     """What a build wrote and what it dropped. ``bytes``: Parquet bytes on disk."""
 
@@ -244,16 +281,16 @@ def build_samples(
     skip = on_bad_row == "skip"
     ev_files, ex_files = open_log(events, "events"), open_log(exposures, "exposures")
     with_oracle = _with_oracle(world, ex_files)
-    budget = memory_mb << 20
+    budget = Budget(memory_mb << 20)
     ev_w, ex_w = _row_bytes(world)
-    batch_rows = int(min(1 << 20, max(1024, budget // 16 // max(ev_w, ex_w, 64))))
-    block_bytes = int(min(64 << 20, max(256 << 10, budget // 32)))
+    batch_rows = int(min(1 << 20, max(1024, budget.input_batch // max(ev_w, ex_w, 64))))
+    block_bytes = int(min(64 << 20, max(256 << 10, budget.input_batch)))
     read = dict(batch_rows=batch_rows, block_bytes=block_bytes)
 
     with tqdm(desc="build: scan", unit=" rows", disable=not progress) as bar:
         scanned = scan(world, ev_files, ex_files, skip=skip, progress=bar, **read)
     need = scanned.event_rows * (ev_w + _EVENT_OVERHEAD) + scanned.exposure_rows * (ex_w + _EXPOSURE_OVERHEAD)
-    parts = partitions or int(min(4096, max(1, math.ceil(need / (budget / 4)))))
+    parts = partitions or int(min(4096, max(1, math.ceil(need / budget.partition))))
     bounds = scanned.users.bounds(parts)
     parts = len(bounds) + 1
 
@@ -262,7 +299,7 @@ def build_samples(
     C = len(world.scenarios)
     schemas = {"events": event_spill_schema(world), "ids": IDS_SCHEMA}
     schemas.update({f"t{c}": target_spill_schema(world, c, with_oracle) for c in range(C)})
-    spill = Spill(tmp, schemas, parts, budget // 8)
+    spill = Spill(tmp, schemas, parts, budget.spill_buffer)
     skipped: Counter = Counter()
     unmatched = 0
     try:
@@ -294,7 +331,7 @@ def build_samples(
         duplicate_ids(spill, ex_files)
 
         schema = S.sample_schema(world, with_oracle)
-        writer = _PartWriter(out, schema, min(128 << 20, budget // 8), max(256 << 20, budget))
+        writer = _PartWriter(out, schema, budget.row_group, max(256 << 20, budget.total))
         tokens = np.zeros(3, dtype=np.int64)
         per_scenario = np.zeros(C, dtype=np.int64)
         rows_out = unused = 0
@@ -303,7 +340,7 @@ def build_samples(
                 world, spill.read("events", p), [spill.read(f"t{c}", p) for c in range(C)], layout, with_oracle
             )
             spill.remove(p)
-            for lo, hi in _chunks(samples.token_bytes(), budget / 8):
+            for lo, hi in _chunks(samples.token_bytes(), budget.chunk):
                 writer.add(samples.table(lo, hi))
             h, r, t = samples.plan.lengths()
             tokens += [h.sum(), r.sum(), t.sum()]
@@ -311,6 +348,7 @@ def build_samples(
             rows_out += samples.num_rows
             unused += samples.unused_events
             del samples
+            pa.default_memory_pool().release_unused()  # the pool would otherwise keep each partition's peak
         paths = writer.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

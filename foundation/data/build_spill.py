@@ -142,10 +142,10 @@ class Spill:
             return
         order = np.argsort(part, kind="stable")
         counts = np.bincount(part, minlength=self.parts)
-        sorted_table = table.take(pa.array(order))
         start = 0
         for p in np.flatnonzero(counts):
-            piece = sorted_table.slice(start, int(counts[p]))
+            # a take per partition, not slices of one sorted copy: a slice would keep the whole batch alive
+            piece = table.take(pa.array(order[start : start + int(counts[p])]))
             start += int(counts[p])
             self.pending.setdefault((stream, int(p)), []).append(piece)
             self.pending_bytes[(stream, int(p))] += piece.nbytes
@@ -159,6 +159,7 @@ class Spill:
                 break
             self._write(key)
             total -= nbytes
+        pa.default_memory_pool().release_unused()  # return freed buffers instead of caching them
 
     def _write(self, key: tuple[str, int]) -> None:
         tables = self.pending.pop(key, [])
