@@ -427,3 +427,18 @@ def test_folder_of_files_equals_one_file(tmp_path):
     many = build_samples(tiny_world(), tmp_path / "evs", tmp_path / "exs", tmp_path / "many", progress=False)
     assert _rows(tmp_path / "many") == _rows(tmp_path / "one") and many.rows == one.rows
     assert S.target_column("feed") in pq.read_schema(sample_files(tmp_path / "one")[0]).names
+
+
+def test_scenario_files_need_only_their_own_columns_and_arrow_timestamps_convert(tmp_path):
+    ev = _events([(1, 10, "click", 1, 7, None)])
+    ex = _exposures([_feed(1, 150, 5, 1), _coupon(1, 160, 9, 1)])
+    (tmp_path / "exs").mkdir()
+    feed = ex.slice(0, 1).select(["user_id", "timestamp", "scenario", "item_id", "ctx", "emb", "click"])
+    coupon = ex.slice(1, 1).select(["user_id", "timestamp", "scenario", "coupon_id", "discount", "redeem", "gmv"])
+    pq.write_table(feed.set_column(1, "timestamp", pa.array([150_000], pa.timestamp("ms"))), tmp_path / "exs" / "a_feed.parquet")
+    pq.write_table(coupon, tmp_path / "exs" / "b_coupon.parquet")
+    pq.write_table(ev, tmp_path / "ev.parquet")
+    report = build_samples(tiny_world(), tmp_path / "ev.parquet", tmp_path / "exs", tmp_path / "o", progress=False)
+    (row,) = _rows(tmp_path / "o")
+    assert [t["ts"] for t in row["t_feed"]] == [150] and [t["exposure_id"] for t in row["t_coupon"]] == [1]
+    assert report.exposures == {"feed": 1, "coupon": 1}

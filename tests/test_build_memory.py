@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
@@ -43,9 +45,9 @@ def memory_world():
     return WorldSpec("memory", sequences, (feed, coupon), RealtimeSpec(max_length=32), window_seconds=DAY)
 
 
-def generate(folder: Path, n_events: int, n_exposures: int, n_users: int, chunk: int = 200_000, seed: int = 0) -> int:
-    """Write ``events.parquet`` and ``exposures.parquet`` in chunks (timestamps unsorted within a chunk);
-    returns the logs' size in memory (Arrow bytes)."""
+def generate(folder: Path, n_events: int, n_exposures: int, n_users: int, fmt: str = "parquet", chunk: int = 200_000, seed: int = 0) -> int:
+    """Write ``events.<fmt>`` and ``exposures.<fmt>`` (parquet or csv) in chunks, timestamps unsorted;
+    returns the logs' size in memory (Arrow bytes, before any CSV conversion)."""
     rng = np.random.default_rng(seed)
     actions = pa.array(["click", "view", "order"])
     days = 30
@@ -69,9 +71,16 @@ def generate(folder: Path, n_events: int, n_exposures: int, n_users: int, chunk:
                               "coupon_id": rng.integers(0, 1000, m), "discount": rng.random(m),
                               "click": rng.integers(0, 2, m), "redeem": rng.integers(0, 2, m), "gmv": rng.random(m)})
             total += t.nbytes
+            if fmt == "csv" and "emb" in t.column_names:  # a vector as "0.1 0.2" text
+                text = pc.binary_join(pc.cast(t.column("emb"), pa.list_(pa.string())), " ")
+                t = t.set_column(t.column_names.index("emb"), "emb", text)
             if name not in writers:
-                writers[name] = pq.ParquetWriter(folder / f"{name}.parquet", t.schema)
-            writers[name].write_table(t, row_group_size=50_000)
+                path = folder / f"{name}.{fmt}"
+                writers[name] = pq.ParquetWriter(path, t.schema) if fmt == "parquet" else pcsv.CSVWriter(path, t.schema)
+            if fmt == "parquet":
+                writers[name].write_table(t, row_group_size=50_000)
+            else:
+                writers[name].write_table(t)
     for w in writers.values():
         w.close()
     return total
@@ -90,21 +99,26 @@ def _child(out: str, events: str, exposures: str, memory_mb: int) -> None:
     world = memory_world()
     warm = Path(out) / "warm"  # first build on a slice: loads every lazy module and allocator pool
     warm.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pq.ParquetFile(events).read_row_group(0).slice(0, 2000), warm / "ev.parquet")
-    pq.write_table(pq.ParquetFile(exposures).read_row_group(0).slice(0, 500), warm / "ex.parquet")
-    build_samples(world, warm / "ev.parquet", warm / "ex.parquet", warm / "out", memory_mb=memory_mb, progress=False)
+    suffix = Path(events).suffix
+    for src, n in ((events, 2000), (exposures, 500)):
+        if suffix == ".csv":
+            lines = Path(src).open().readlines()[: n + 1]
+            (warm / Path(src).name).write_text("".join(lines))
+        else:
+            pq.write_table(pq.ParquetFile(src).read_row_group(0).slice(0, n), warm / Path(src).name)
+    build_samples(world, warm / Path(events).name, warm / Path(exposures).name, warm / "out", memory_mb=memory_mb, progress=False)
     before = _status("VmRSS")
     report = build_samples(world, events, exposures, Path(out) / "samples", memory_mb=memory_mb, progress=False)
     peak = _status("VmHWM")
     print(json.dumps({"rss_before": before, "hwm": peak, "growth": peak - before, "report": report.format()}))
 
 
-def measure(tmp_path: Path, n_events: int, n_exposures: int, n_users: int, memory_mb: int) -> tuple[int, dict]:
+def measure(tmp_path: Path, n_events: int, n_exposures: int, n_users: int, memory_mb: int, fmt: str = "parquet") -> tuple[int, dict]:
     """Generate logs into ``tmp_path`` and build them in a child process; (logs' Arrow bytes, child's JSON)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    logs = generate(tmp_path, n_events, n_exposures, n_users)
+    logs = generate(tmp_path, n_events, n_exposures, n_users, fmt)
     proc = subprocess.run(
-        [sys.executable, str(HERE), str(tmp_path / "run"), str(tmp_path / "events.parquet"), str(tmp_path / "exposures.parquet"), str(memory_mb)],
+        [sys.executable, str(HERE), str(tmp_path / "run"), str(tmp_path / f"events.{fmt}"), str(tmp_path / f"exposures.{fmt}"), str(memory_mb)],
         capture_output=True, text=True, timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -130,6 +144,15 @@ def test_memory_stays_bounded_small(tmp_path):
     assert big > 4 * (16 << 20) and big > 2.5 * small
     assert r_big["growth"] < (16 + FIXED_MB) << 20
     assert r_big["growth"] < r_small["growth"] + (12 << 20)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux) to read peak RSS")
+def test_memory_stays_bounded_csv(tmp_path):
+    """The CSV reader streams too: ~26 MB of logs as CSV text, 8 MB budget."""
+    logs, result = measure(tmp_path, n_events=400_000, n_exposures=80_000, n_users=8_000, memory_mb=8, fmt="csv")
+    _report(logs, result, 8)
+    assert logs > 3 * (8 << 20)
+    assert result["growth"] < (8 + FIXED_MB) << 20
 
 
 @pytest.mark.slow

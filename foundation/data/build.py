@@ -98,18 +98,25 @@ class Budget:
 
     @property
     def input_batch(self) -> int:
-        """One raw record batch (rows x estimated row bytes; CSV block size)."""
+        """One raw record batch (rows x estimated row bytes)."""
         return self.total // 32
+
+    @property
+    def csv_block(self) -> int:
+        """CSV text per read; pyarrow's streaming CSV reader holds about 32 of them (measured)."""
+        return int(min(16 << 20, max(64 << 10, self.total // 512)))
 
 
 @dataclass(frozen=True)
 class BuildReport:
-    """What a build wrote and what it dropped. ``bytes``: Parquet bytes on disk."""
+    """What a build wrote and what it dropped. ``bytes``: Parquet bytes on disk; ``arrow_bytes``: the same
+    rows decoded in memory (Arrow buffers), what a loader holds."""
 
     out: str
     layout: str
     rows: int
     bytes: int
+    arrow_bytes: int
     files: int
     tokens_h: int
     tokens_r: int
@@ -133,7 +140,8 @@ class BuildReport:
     def format(self) -> str:
         lines = [
             f"built {self.rows:,} {self.layout}-layout rows into {self.out} "
-            f"({self.files} file(s), {self.bytes / 2**20:,.1f} MiB, {self.seconds:.1f} s)",
+            f"({self.files} file(s), {self.bytes / 2**20:,.1f} MiB on disk, {self.arrow_bytes / 2**20:,.1f} MiB in memory, "
+            f"{self.seconds:.1f} s)",
             f"  tokens: {self.tokens:,} = H {self.tokens_h:,} + R {self.tokens_r:,} + T {self.tokens_t:,}"
             + (f"  ({self.tokens / self.rows:.1f} per row)" if self.rows else ""),
             "  exposures: " + ", ".join(f"{s} {n:,}" for s, n in self.exposures.items()),
@@ -191,10 +199,12 @@ class _PartWriter:
         self.writer: pq.ParquetWriter | None = None
         self.in_file = 0
         self.paths: list[Path] = []
+        self.arrow_bytes = 0
 
     def add(self, table: pa.Table) -> None:
         self.pending.append(table)
         self.pending_bytes += table.nbytes
+        self.arrow_bytes += table.nbytes
         if self.pending_bytes >= self.row_group_bytes:
             self._flush()
 
@@ -284,7 +294,7 @@ def build_samples(
     budget = Budget(memory_mb << 20)
     ev_w, ex_w = _row_bytes(world)
     batch_rows = int(min(1 << 20, max(1024, budget.input_batch // max(ev_w, ex_w, 64))))
-    block_bytes = int(min(64 << 20, max(256 << 10, budget.input_batch)))
+    block_bytes = budget.csv_block
     read = dict(batch_rows=batch_rows, block_bytes=block_bytes)
 
     with tqdm(desc="build: scan", unit=" rows", disable=not progress) as bar:
@@ -358,6 +368,7 @@ def build_samples(
         layout=layout,
         rows=rows_out,
         bytes=sum(p.stat().st_size for p in paths),
+        arrow_bytes=writer.arrow_bytes,
         files=len(paths),
         tokens_h=int(tokens[0]),
         tokens_r=int(tokens[1]),

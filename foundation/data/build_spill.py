@@ -1,7 +1,7 @@
 """Passes 0 and 1 of the streaming build: scan the logs, then spill canonical rows into user-range partitions.
 
 Pass 0 (:func:`scan`) reads only ``user_id``, ``timestamp`` (and ``scenario``) of both logs. It checks every
-file's columns, fails early on null users/timestamps and on unknown scenarios (naming each unknown value
+file's columns, fails early on null users/timestamps, malformed CSV rows and unknown scenarios (naming each unknown value
 with its count in the file and its first row), counts rows, and keeps an evenly strided sample of user ids
 (at most ``SAMPLE_CAP``). Its quantiles give the partition boundaries: partition ``p`` holds the users
 ``bounds[p-1] <= user < bounds[p]``, so concatenating partitions in order keeps rows sorted by user, and
@@ -94,7 +94,7 @@ def scan(
             cols = [S.USER, S.TIMESTAMP] + ([S.SCENARIO] if role == "exposures" else [])
             unknown: Counter = Counter()
             first_unknown: dict[str, str] = {}
-            for raw in iter_batches(f, i, cols, batch_rows=batch_rows, block_bytes=block_bytes, malformed=MalformedRows(True)):
+            for raw in iter_batches(f, i, cols, batch_rows=batch_rows, block_bytes=block_bytes, malformed=MalformedRows(skip)):
                 check = RowCheck(raw, role, skip, Counter())
                 user = check.required(S.USER, to_id, raw.batch.column(S.USER))
                 check.required(S.TIMESTAMP, to_timestamp, raw.batch.column(S.TIMESTAMP))

@@ -3,7 +3,8 @@
 A *log* is one path: a file (``.parquet``/``.pq``, ``.csv``, ``.csv.gz``) or a folder whose files with those
 suffixes are read in sorted order of their relative paths (hidden files and files starting with ``_`` are
 ignored). Memory stays bounded: Parquet is read ``batch_rows`` rows at a time without pre-buffering whole
-row groups, CSV ``block_bytes`` of text at a time.
+row groups; CSV ``block_bytes`` of text at a time (pyarrow's streaming CSV reader holds about 32 blocks in
+memory, so blocks are kept small), gathered into batches of about ``batch_rows`` rows.
 
 CSV columns are read as strings and converted by :mod:`recfm.foundation.data.build_convert` (so a bad value
 is reported with its row instead of failing the whole block); an empty field is null. A CSV row with the
@@ -142,6 +143,10 @@ class MalformedRows:
         return "skip" if self.skip else "error"
 
 
+def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    return batches[0] if len(batches) == 1 else pa.concat_batches(batches)
+
+
 def iter_batches(
     file: LogFile,
     file_index: int,
@@ -171,9 +176,16 @@ def iter_batches(
                     quoted_strings_can_be_null=True,
                 ),
             )
-        for batch in reader:
-            yield RawBatch(file, file_index, row0, batch)
-            row0 += batch.num_rows
+        pending: list[pa.RecordBatch] = []
+        rows = 0
+        for batch in reader:  # CSV blocks are small (see ``block_bytes``): gather them up to ``batch_rows``
+            pending.append(batch)
+            rows += batch.num_rows
+            if rows >= batch_rows:
+                yield RawBatch(file, file_index, row0, _concat(pending))
+                row0, pending, rows = row0 + rows, [], 0
+        if pending:
+            yield RawBatch(file, file_index, row0, _concat(pending))
     except pa.ArrowInvalid as e:
         bad = malformed.first
         if file.format == "csv" and bad is not None and not malformed.skip:

@@ -35,14 +35,15 @@ def _lengths(pf: pq.ParquetFile, group: int, column: str) -> np.ndarray:
 
 
 def dataset_stats(path: str | Path) -> dict:
-    """Rows, bytes on disk, tokens by type (H, R, T), exposures per scenario and tokens-per-row figures."""
+    """Rows, bytes (on disk, and Parquet-encoded before compression), tokens by type (H, R, T),
+    exposures per scenario and tokens-per-row figures."""
     files = sample_files(path)
     schema = pq.read_schema(files[0])
     targets = [n for n in schema.names if n.startswith("t_")]
     for c in (S.USER, S.WINDOW, S.H, S.R):
         if c not in schema.names:
             raise DataError(f"{files[0]}: not a sample file: column {c!r} is missing")
-    rows = row_groups = 0
+    rows = row_groups = in_memory = 0
     tokens = {"H": 0, "R": 0, "T": 0}
     exposures = {t[2:]: 0 for t in targets}
     per_row_max = 0
@@ -51,6 +52,7 @@ def dataset_stats(path: str | Path) -> dict:
         rows += pf.metadata.num_rows
         for g in range(pf.metadata.num_row_groups):
             row_groups += 1
+            in_memory += pf.metadata.row_group(g).total_byte_size
             h, r = _lengths(pf, g, S.H), _lengths(pf, g, S.R)
             t = np.zeros_like(h)
             for name in targets:
@@ -69,6 +71,7 @@ def dataset_stats(path: str | Path) -> dict:
         "row_groups": row_groups,
         "rows": rows,
         "bytes": sum(f.stat().st_size for f in files),
+        "bytes_uncompressed": in_memory,
         "tokens": tokens,
         "tokens_total": total,
         "tokens_per_row_mean": total / rows if rows else 0.0,
@@ -82,7 +85,7 @@ def format_stats(stats: dict) -> str:
     return "\n".join(
         [
             f"{stats['path']}: {stats['rows']:,} rows in {stats['files']} file(s), {stats['row_groups']} row group(s), "
-            f"{stats['bytes'] / 2**20:,.2f} MiB on disk",
+            f"{stats['bytes'] / 2**20:,.2f} MiB on disk, {stats['bytes_uncompressed'] / 2**20:,.2f} MiB uncompressed",
             f"  tokens: {stats['tokens_total']:,} = H {tok['H']:,} + R {tok['R']:,} + T {tok['T']:,} "
             f"(per row: mean {stats['tokens_per_row_mean']:.1f}, max {stats['tokens_per_row_max']:,})",
             "  exposures: " + ", ".join(f"{s} {n:,}" for s, n in stats["exposures"].items()),
