@@ -29,8 +29,17 @@ def sample_files(path: str | Path) -> list[Path]:
     return files
 
 
-def _lengths(pf: pq.ParquetFile, group: int, column: str) -> np.ndarray:
-    leaf = pf.read_row_group(group, columns=[f"{column}.list.element.{S.TS}"]).column(0)
+def _ts_leaf(pf: pq.ParquetFile, column: str, file: Path) -> str:
+    """Parquet path of a list column's ``ts`` leaf (``h.list.element.ts`` as pyarrow writes it)."""
+    for i in range(len(pf.schema)):
+        path = pf.schema.column(i).path
+        if path.startswith(column + ".") and path.endswith("." + S.TS):
+            return path
+    raise DataError(f"{file}: list column {column!r} has no {S.TS!r} field")
+
+
+def _lengths(pf: pq.ParquetFile, group: int, column: str, file: Path) -> np.ndarray:
+    leaf = pf.read_row_group(group, columns=[_ts_leaf(pf, column, file)]).column(0)
     return pc.list_value_length(leaf).fill_null(0).to_numpy()
 
 
@@ -53,10 +62,10 @@ def dataset_stats(path: str | Path) -> dict:
         for g in range(pf.metadata.num_row_groups):
             row_groups += 1
             in_memory += pf.metadata.row_group(g).total_byte_size
-            h, r = _lengths(pf, g, S.H), _lengths(pf, g, S.R)
+            h, r = _lengths(pf, g, S.H, f), _lengths(pf, g, S.R, f)
             t = np.zeros_like(h)
             for name in targets:
-                n = _lengths(pf, g, name)
+                n = _lengths(pf, g, name, f)
                 exposures[name[2:]] += int(n.sum())
                 t = t + n
             tokens["H"] += int(h.sum())
