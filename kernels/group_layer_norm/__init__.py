@@ -8,7 +8,11 @@ Layout::
     bias:   [G, d]      one shift row per group (or None)
     out:    [N, d]
 
-The math is in :mod:`.reference`; ``impl`` picks the implementation from ``IMPLS``.
+The math is in :mod:`.reference`; ``impl`` picks the implementation from ``IMPLS``:
+
+* ``reference`` -- plain PyTorch (:mod:`.reference`), any device; the specification.
+* ``triton`` -- fused forward/backward kernels (:mod:`.triton_impl`); CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1``. Triton is imported on first use, so recfm imports without it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ import torch
 from recfm.errors import RecfmError
 from recfm.kernels.group_layer_norm.reference import group_layer_norm_reference
 
-IMPLS = {"reference": group_layer_norm_reference}
+
+def _triton(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            eps: float) -> torch.Tensor:
+    """Lazy entry of the Triton implementation (imports Triton on first call)."""
+    from recfm.kernels.group_layer_norm.triton_impl import group_layer_norm_triton
+
+    return group_layer_norm_triton(x, group, weight, bias, eps)
+
+
+IMPLS = {"reference": group_layer_norm_reference, "triton": _triton}
 
 __all__ = ["IMPLS", "group_layer_norm"]
 

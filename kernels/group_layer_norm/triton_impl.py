@@ -1,0 +1,163 @@
+"""Group LayerNorm as Triton kernels (forward and backward), wrapped in an ``autograd.Function``.
+
+Imported only when ``impl="triton"`` is used (``recfm`` imports without Triton). Same math as
+:mod:`.reference`: statistics and affine in float32, output in ``x``'s dtype.
+
+Forward, one program per tile of ``BLOCK_N`` rows (``BLOCK_D`` = next power of two >= d, masked)::
+
+    x tile [BLOCK_N, BLOCK_D] -> mean, rstd [BLOCK_N] (saved, float32) -> y = xhat * weight[g] + bias[g]
+
+Backward, ``P`` programs of ``TILES`` consecutive tiles each (``TILES`` a power of two, so few compiled
+variants; tiles past the end are fully masked)::
+
+    dx    = rstd * (w dy - mean(w dy) - xhat * mean(w dy xhat))           written per tile
+    dW[g] += sum over the tile's rows of group g of dy * xhat             into partial[p, g, :] (float32)
+    dB[g] += sum over the tile's rows of group g of dy
+
+Program ``p`` is the only writer of ``partial[p]`` (no atomics, deterministic); a group absent from a
+tile is skipped, so a tile costs one partial update per group it holds. ``partial.sum(0)`` gives the
+``[G, d]`` gradients. No host synchronisation anywhere (grid sizes come from host-side shapes).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gln_fwd(X, GROUP, W, B, Y, MEAN, RSTD, n_rows, d, eps,
+             HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    col_ok = cols < d
+    ok = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / d
+    xc = tl.where(ok, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / d
+    rstd = 1.0 / tl.sqrt(var + eps)
+    g = tl.load(GROUP + rows, mask=row_ok, other=0)
+    w = tl.load(W + g[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w
+    if HAS_BIAS:
+        y += tl.load(B + g[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + rows64[:, None] * d + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _gln_bwd(X, GROUP, W, DY, MEAN, RSTD, DX, PART_W, PART_B, n_rows, d,
+             N_GROUPS: tl.constexpr, TILES: tl.constexpr,
+             HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    part = pid.to(tl.int64) * N_GROUPS * d
+    for i in range(0, TILES):
+        rows = (pid * TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        ok = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * d + cols[None, :]
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        g = tl.load(GROUP + rows, mask=row_ok, other=-1)
+        w = tl.load(W + tl.maximum(g, 0)[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w * dy
+        c1 = tl.sum(xhat * wdy, axis=1) / d
+        c2 = tl.sum(wdy, axis=1) / d
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
+        dw_rows = dy * xhat
+        for gg in range(0, N_GROUPS):
+            sel = g == gg
+            if tl.max(sel.to(tl.int32), axis=0) > 0:
+                pw = PART_W + part + gg * d + cols
+                tl.store(pw, tl.load(pw, mask=col_ok, other=0.0)
+                         + tl.sum(tl.where(sel[:, None], dw_rows, 0.0), axis=0), mask=col_ok)
+                if HAS_BIAS:
+                    pb = PART_B + part + gg * d + cols
+                    tl.store(pb, tl.load(pb, mask=col_ok, other=0.0)
+                             + tl.sum(tl.where(sel[:, None], dy, 0.0), axis=0), mask=col_ok)
+
+
+def _blocks(d: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_D, num_warps)``: about 4096 elements per tile."""
+    block_d = triton.next_power_of_2(max(d, 1))
+    block_n = max(1, min(16, 4096 // block_d))
+    num_warps = 4 if block_d <= 1024 else 8
+    return block_n, block_d, num_warps
+
+
+def _tiles_per_program(x: torch.Tensor, n_tiles: int) -> int:
+    """A power of two such that about ``4 x SMs`` programs cover ``n_tiles`` (CPU interpreter: 4 programs)."""
+    target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    return min(triton.next_power_of_2(triton.cdiv(max(n_tiles, 1), target)), 256)
+
+
+class _GroupLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, weight, bias, eps):
+        n, d = x.shape
+        x = x.contiguous()
+        group = group.contiguous()
+        weight_c = weight.contiguous()
+        bias_c = bias.contiguous() if bias is not None else None
+        y = torch.empty_like(x)
+        mean = torch.empty(n, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(n, dtype=torch.float32, device=x.device)
+        block_n, block_d, warps = _blocks(d)
+        if n:
+            _gln_fwd[(triton.cdiv(n, block_n),)](
+                x, group, weight_c, bias_c if bias_c is not None else weight_c, y, mean, rstd, n, d, eps,
+                HAS_BIAS=bias_c is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+            )
+        ctx.save_for_backward(x, group, weight_c, mean, rstd)
+        ctx.has_bias = bias is not None
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, group, weight, mean, rstd = ctx.saved_tensors
+        n, d = x.shape
+        n_groups = weight.shape[0]
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        block_n, block_d, warps = _blocks(d)
+        n_tiles = triton.cdiv(n, block_n)
+        tiles = _tiles_per_program(x, n_tiles)
+        programs = max(1, triton.cdiv(n_tiles, tiles))
+        part_w = torch.zeros(programs, n_groups, d, dtype=torch.float32, device=x.device)
+        part_b = torch.zeros_like(part_w) if ctx.has_bias else part_w
+        if n:
+            _gln_bwd[(programs,)](
+                x, group, weight, dy, mean, rstd, dx, part_w, part_b, n, d, N_GROUPS=n_groups, TILES=tiles,
+                HAS_BIAS=ctx.has_bias, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+            )
+        dw = part_w.sum(0).to(ctx.dtypes[0])
+        db = part_b.sum(0).to(ctx.dtypes[1]) if ctx.has_bias else None
+        return dx, None, dw, db, None
+
+
+def group_layer_norm_triton(
+    x: torch.Tensor,
+    group: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """``x [N, d]``, ``group [N]`` int64, ``weight``/``bias [G, d]`` -> ``[N, d]`` in ``x``'s dtype.
+
+    Inputs already validated by :func:`recfm.kernels.group_layer_norm.group_layer_norm`. Runs on CUDA,
+    or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+    """
+    return _GroupLayerNorm.apply(x, group, weight, bias, float(eps))

@@ -1,0 +1,101 @@
+"""The Triton Group LayerNorm (forward and backward) against the PyTorch reference.
+
+Runs on CPU under the Triton interpreter (``TRITON_INTERPRET=1``, set here before Triton is imported when
+there is no CUDA device) and on CUDA when one is present. Skipped when Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels module imports triton
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install recfm[kernels])", allow_module_level=True)
+
+from recfm.kernels.group_layer_norm import IMPLS, group_layer_norm  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GRAD_DTYPE = torch.float64 if DEVICE == "cpu" else torch.float32
+
+
+def _case(n: int, d: int, groups: int, dtype: torch.dtype, seed: int, sorted_groups: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, d, generator=gen) * 2 + 0.5).to(dtype)
+    group = torch.randint(0, groups, (n,), generator=gen)
+    if sorted_groups:  # long runs of one group, as in a real batch (H kind runs, R, T per scenario)
+        group = group.sort().values
+    weight = 1 + 0.5 * torch.randn(groups, d, generator=gen)
+    bias = 0.5 * torch.randn(groups, d, generator=gen)
+    dy = torch.randn(n, d, generator=gen).to(dtype)
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    return to(x), to(group), to(weight), to(bias), to(dy)
+
+
+def _run(impl, x, group, weight, bias, dy):
+    """Output and gradients for x, weight, bias (bias may be None)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
+    y = group_layer_norm(leaves[0], group, leaves[1], leaves[2] if bias is not None else None, impl=impl)
+    grads = torch.autograd.grad(y, leaves, dy)
+    return (y, *grads)
+
+
+def _expected(x, group, weight, bias, dy):
+    """The reference evaluated in high precision on the same (rounded) inputs."""
+    up = lambda t: None if t is None else t.to(GRAD_DTYPE)  # noqa: E731
+    return _run("reference", up(x), group, up(weight), up(bias), up(dy))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, d, groups, sorted_groups", [
+    (37, 24, 3, False),   # rows not a multiple of the block (16 rows x 32 columns), d not a power of two
+    (5, 7, 2, False),     # fewer rows than one block, odd d
+    (200, 8, 5, True),    # several tiles per program, group runs crossing tile edges
+    (130, 48, 4, False),  # 48 -> 64-wide block, 65 tiles
+    (1, 16, 1, False),    # one row, one group
+])
+def test_forward_and_backward_match_reference(dtype, n, d, groups, sorted_groups):
+    inputs = _case(n, d, groups, dtype, seed=n + d, sorted_groups=sorted_groups)
+    got = _run("triton", *inputs)
+    want = _expected(*inputs)
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: rounding of the output / dx
+    for name, g, w in zip(("y", "dx", "dweight", "dbias"), got, want):
+        scale = w.abs().max().clamp(min=1).item()
+        torch.testing.assert_close(g.to(GRAD_DTYPE), w, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_without_bias_matches_reference():
+    x, group, weight, _, dy = _case(41, 20, 3, torch.float32, seed=3)
+    got = _run("triton", x, group, weight, None, dy)
+    want = _expected(x, group, weight, None, dy)
+    assert len(got) == 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.to(GRAD_DTYPE), w, rtol=1e-5, atol=1e-5)
+
+
+def test_group_gradients_are_per_group_sums():
+    """A group with no rows gets zero weight/bias gradients; the others sum exactly their own rows."""
+    x, group, weight, bias, dy = _case(29, 12, 4, torch.float32, seed=5)
+    group = torch.where(group == 2, torch.zeros_like(group), group)  # group 2 is absent
+    _, _, dw, db = _run("triton", x, group, weight, bias, dy)
+    assert torch.all(dw[2] == 0) and torch.all(db[2] == 0)
+    for g in (0, 1, 3):
+        torch.testing.assert_close(db[g], dy[group == g].sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_input():
+    x, group, weight, bias, dy = _case(0, 24, 3, torch.bfloat16, seed=1)
+    y, dx, dw, db = _run("triton", x, group, weight, bias, dy)
+    assert y.shape == (0, 24) and dx.shape == (0, 24)
+    assert torch.all(dw == 0) and torch.all(db == 0) and dw.shape == (3, 24)
+
+
+def test_registered_lazily():
+    assert set(IMPLS) >= {"reference", "triton"}
+    assert IMPLS["triton"].__module__ == "recfm.kernels.group_layer_norm"  # the module imports triton on call
