@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from recfm.errors import RecfmError
@@ -79,7 +80,10 @@ def _recipe(name: str):
         from recfm import recipes
 
         fn = getattr(recipes, name)
-        result = fn(args.config, overrides=args.overrides, **{k: v for k, v in vars(args).items() if k in _RECIPE_EXTRA[name]})
+        config, overrides = args.config, list(args.overrides)
+        if config is not None and "=" in config and not os.path.exists(config):  # `recfm pretrain key=value`
+            config, overrides = None, [config, *overrides]
+        result = fn(config, overrides=overrides, **{k: v for k, v in vars(args).items() if k in _RECIPE_EXTRA[name]})
         if result is not None and hasattr(result, "format"):
             print(result.format())
         elif result is not None:

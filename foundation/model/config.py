@@ -154,8 +154,19 @@ def load_model_config(config: str | Path) -> ModelConfig:
     data, problems = strict.load_yaml(path)
     if data is None:
         raise ConfigError(problems)
+    return parse_model_config(data, file, problems)
+
+
+def parse_model_config(data, file: str, problems: list[str] | None = None) -> ModelConfig:
+    """A :class:`ModelConfig` from its plain form (a YAML mapping, or ``as_dict`` of one, as checkpoints
+    store it); ``file`` names where the data came from in error messages."""
+    problems = [] if problems is None else problems
     if not isinstance(data, dict):
-        raise ConfigError([f"{file}: expected a mapping, got {strict.show(data)}"])
+        raise ConfigError([*problems, f"{file}: expected a mapping, got {strict.show(data)}"])
+    data = {k: v for k, v in data.items() if k != "source_file"}
+    if isinstance(data.get("backbone"), dict) and isinstance(data["backbone"].get("layer"), dict):
+        layer = {k: v for k, v in data["backbone"]["layer"].items() if k != "num_groups"}  # set by the world
+        data["backbone"] = {**data["backbone"], "layer": layer}
     known = [f.name for f in fields(ModelConfig) if f.name != "source_file"]
     for key in data:
         if key not in known:

@@ -1,0 +1,372 @@
+"""The training loop shared by ``pretrain`` and ``finetune``.
+
+One step::
+
+    batch (host, pinned) --to(device)--> model(batch) -> per-(scenario, task) loss sums and counts
+    loss = sum_t weight_t * loss_sum_t / global_count_t          global_count: summed over ranks
+    backward; all-reduce(SUM) of dense gradients across ranks; clip; AdamW (dense) + row-wise Adagrad
+    (embedding tables, torchrec); warm-up + decay schedule on both
+
+Dividing each task's loss sum by its *global* exposure count and summing gradients over ranks makes a
+data-parallel step equal to one process on the union of the ranks' batches, whatever each rank's share
+(token-budget batches hold different numbers of exposures).
+
+Checkpoints (:class:`~recfm.recipes.checkpoint.Checkpointer`, atomic) hold the model, both optimisers and
+schedules, the data position, every RNG state, the step, the loss history, the resolved config and the
+model fingerprint (backbone, sequences, scenario specs). ``fit`` resumes from the latest checkpoint of its
+folder when one exists, and the run continues exactly: the loss curve after a resume equals the
+uninterrupted one (tested).
+
+A non-finite loss stops the run with :class:`TrainingError` naming the step and the scenario/task; it is
+detected on the device (no host sync per step on GPU) and checked before every checkpoint, so a
+checkpoint never holds weights updated by a NaN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from recfm.errors import RecfmError
+from recfm.foundation.data.batch import Batch
+from recfm.foundation.data.loader import SampleDataset
+from recfm.foundation.model.model import RecModel
+from recfm.heads.mmoe import TaskLoss
+from recfm.recipes.checkpoint import Checkpointer, rng_state, set_rng_state
+from recfm.recipes.config import Schedule, TrainConfig
+
+
+class TrainingError(RecfmError):
+    """Training cannot go on (non-finite loss, no data); the last checkpoint is intact."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> this rank's CUDA device when there is one, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then ``schedule`` decay to 0 at ``steps`` (a multiplier of lr)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule is Schedule.CONSTANT:
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    if cfg.schedule is Schedule.LINEAR:
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def embedding_parameters(model: RecModel) -> list[nn.Parameter]:
+    """The embedding tables (torchrec collections): the row-wise optimiser's parameters."""
+    return list(model.embedder.collections.parameters())
+
+
+def make_optimizers(model: RecModel, cfg: TrainConfig, dense_scale: Callable[[str], float] | None = None):
+    """AdamW over dense parameters (per-parameter lr scale ``dense_scale(name)``), torchrec's row-wise
+    Adagrad over embedding tables. Frozen parameters (``requires_grad=False``) are left out."""
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    sparse_ids = {id(p) for p in embedding_parameters(model)}
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in sparse_ids:
+            groups.setdefault(dense_scale(name) if dense_scale else 1.0, []).append(p)
+    dense = torch.optim.AdamW(
+        [{"params": ps, "lr": cfg.lr * scale, "base_lr": cfg.lr * scale} for scale, ps in groups.items()],
+        lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+    )
+    tables = [p for p in embedding_parameters(model) if p.requires_grad]
+    sparse = RowWiseAdagrad(tables, lr=cfg.sparse_lr) if tables else None
+    if sparse is not None:
+        for g in sparse.param_groups:
+            g["base_lr"] = cfg.sparse_lr
+    return dense, sparse
+
+
+def task_keys(model: RecModel) -> list[tuple[str, str]]:
+    """Every (scenario, task) the model scores, in a fixed order (indexes the non-finite-loss flags)."""
+    return [(s, t.name) for s in model.scenario_names for t in model.head.tasks(s)]
+
+
+def global_counts(losses: list[TaskLoss], keys: list[tuple[str, str]], device: torch.device) -> dict[tuple[str, str], float]:
+    """Exposures per (scenario, task) summed over ranks (this rank's own counts without a process group)."""
+    local = {(l.scenario, l.task): l.count for l in losses}
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return {k: float(v) for k, v in local.items()}
+    counts = torch.tensor([float(local.get(k, 0)) for k in keys], dtype=torch.float64)
+    backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    counts = counts.to(backend_device)
+    dist.all_reduce(counts)
+    return dict(zip(keys, counts.cpu().tolist()))
+
+
+def step_loss(losses: list[TaskLoss], counts: dict[tuple[str, str], float]) -> torch.Tensor:
+    """``sum_t weight_t * loss_sum_t / count_t`` over tasks with exposures anywhere (module docstring)."""
+    terms = [l.weight * l.loss_sum / counts[(l.scenario, l.task)] for l in losses if counts.get((l.scenario, l.task), 0) > 0]
+    if not terms:
+        return torch.zeros((), requires_grad=True)
+    return torch.stack([t.float() for t in terms]).sum()
+
+
+def all_reduce_gradients(params: list[nn.Parameter]) -> None:
+    """Sum gradients over ranks in one flat buffer (missing grads count as zeros)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` did: the loss of every step (all steps, resumed ones included)."""
+
+    steps: int
+    losses: list[float]
+    task_losses: dict[str, list[float]]
+    resumed_from: int | None
+    seconds: float
+    samples: int
+    tokens: int
+    checkpoint: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Trainer:
+    """Train ``model`` on ``data`` for ``cfg.steps`` steps, checkpointing into ``out/checkpoints``.
+
+    Args:
+        model: the model (already on ``device``; parameters to keep fixed have ``requires_grad=False``).
+        data: training batches (already sharded for this rank when running distributed).
+        cfg: the train section of the run config.
+        out: run folder (``checkpoints/``, ``train_log.jsonl``, TensorBoard ``tb/``).
+        meta: JSON-able run metadata stored in every checkpoint (resolved config, fingerprint, ...).
+        dense_scale: per-parameter learning-rate multiplier by name (fine-tuning's lower backbone rate).
+        progress: show a progress bar (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        model: RecModel,
+        data: SampleDataset,
+        cfg: TrainConfig,
+        out: str | Path,
+        *,
+        device: torch.device,
+        meta: dict | None = None,
+        dense_scale: Callable[[str], float] | None = None,
+        progress: bool = True,
+    ):
+        self.model, self.data, self.cfg, self.device = model, data, cfg, device
+        self.out = Path(out)
+        self.meta = meta or {}
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.progress = progress and self.rank == 0
+        self.dense, self.sparse = make_optimizers(model, cfg, dense_scale)
+        self.optimizers = [o for o in (self.dense, self.sparse) if o is not None]
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.keys = task_keys(model)
+        self.checkpointer = Checkpointer(self.out / "checkpoints", keep=2)
+        self.step = 0
+        self.history: list[float] = []
+        self.task_history: dict[str, list[float]] = {f"{s}.{t}": [] for s, t in self.keys}
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else contextlib.nullcontext()
+        )
+
+    # ----------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "data": self.data.state_dict(),
+            "rng": rng_state(),
+            "history": self.history,
+            "task_history": self.task_history,
+            "meta": self.meta,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise TrainingError("checkpoint has a different set of optimisers (trainable parameters changed?)")
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        self.data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self.task_history = {k: list(v) for k, v in state["task_history"].items()}
+
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        return self.checkpointer.save(self.state_dict(), self.step)
+
+    # ------------------------------------------------------------------------------------ loop
+    def _batches(self) -> Iterator[Batch]:
+        while True:
+            empty = True
+            for batch in self.data:
+                empty = False
+                yield batch
+            if empty:
+                raise TrainingError("the training data has no batches (no samples with exposures of the trained scenarios)")
+
+    def _set_lr(self) -> None:
+        factor = lr_factor(self.step, self.cfg)
+        for o in self.optimizers:
+            for g in o.param_groups:
+                g["lr"] = g["base_lr"] * factor
+
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, list[TaskLoss]]:
+        """One optimisation step on ``batch`` (already on the device); returns the loss and task losses."""
+        self.model.train()
+        with self.autocast:
+            logits = self.model(batch)
+            losses = self.model.losses(batch, logits)
+        loss = step_loss(losses, global_counts(losses, self.keys, self.device))
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        all_reduce_gradients(self.trainable)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
+        self._set_lr()
+        for o in self.optimizers:
+            o.step()
+        return loss.detach(), losses
+
+    def fit(self, resume: bool = True) -> TrainResult:
+        """Train to ``cfg.steps`` (resuming from the latest checkpoint in ``out`` when ``resume``)."""
+        resumed_from = None
+        latest = self.checkpointer.latest() if resume else None
+        if latest is not None:
+            from recfm.recipes.checkpoint import load
+
+            state = load(latest)
+            check_resumable(state.get("meta", {}), self.meta, latest)
+            self.load_state_dict(state)
+            resumed_from = self.step
+        else:
+            torch.manual_seed(self.cfg.seed)
+        writer = _tensorboard(self.out / "tb") if self.rank == 0 else None
+        log = (self.out / "train_log.jsonl").open("a") if self.rank == 0 else None
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress, dynamic_ncols=True)
+        bad = torch.full((len(self.keys),), -1, dtype=torch.long, device=self.device)  # first non-finite step per task
+        pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
+        samples = tokens = 0
+        t0 = time.perf_counter()
+        window_t, window_samples, window_tokens = t0, 0, 0
+        check_every = 1 if self.device.type == "cpu" else max(1, self.cfg.log_every)
+        batches = self._batches()
+        try:
+            while self.step < self.cfg.steps:
+                batch = next(batches).to(self.device, non_blocking=True)
+                loss, losses = self.train_step(batch)
+                by_task = {f"{l.scenario}.{l.task}": l.mean.detach() for l in losses if l.count > 0}
+                finite = torch.stack([torch.isfinite(by_task.get(f"{s}.{t}", loss.new_zeros(()))) for s, t in self.keys])
+                bad = torch.where((bad < 0) & ~finite, torch.full_like(bad, self.step), bad)
+                pending.append((self.step, loss, by_task))
+                self.step += 1
+                samples += batch.num_samples
+                tokens += batch.num_tokens
+                window_samples += batch.num_samples
+                window_tokens += batch.num_tokens
+                bar.update(1)
+                at_ckpt = self.cfg.ckpt_every > 0 and self.step % self.cfg.ckpt_every == 0
+                at_log = self.step % max(1, self.cfg.log_every) == 0 or self.step == self.cfg.steps
+                if self.step % check_every == 0 or at_ckpt or at_log:
+                    self._raise_if_not_finite(bad)
+                if at_log or at_ckpt:
+                    self._flush(pending, log, writer)
+                    pending = []
+                    now = time.perf_counter()
+                    rate = window_samples / max(now - window_t, 1e-9)
+                    bar.set_postfix(loss=f"{self.history[-1]:.4f}", samples_s=f"{rate:,.0f}",
+                                    tokens_s=f"{window_tokens / max(now - window_t, 1e-9):,.0f}")
+                    window_t, window_samples, window_tokens = now, 0, 0
+                if at_ckpt:
+                    self.save()
+            self._raise_if_not_finite(bad)
+            self._flush(pending, log, writer)
+            path = self.save()
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+            if writer is not None:
+                writer.close()
+        return TrainResult(
+            steps=self.step, losses=list(self.history), task_losses=self.task_history, resumed_from=resumed_from,
+            seconds=time.perf_counter() - t0, samples=samples, tokens=tokens, checkpoint=str(path) if path else None,
+        )
+
+    def _raise_if_not_finite(self, bad: torch.Tensor) -> None:
+        flags = bad.tolist()
+        hits = [(step, key) for step, key in zip(flags, self.keys) if step >= 0]
+        if hits:
+            step, (scenario, task) = min(hits)
+            kept = self.checkpointer.latest()
+            raise TrainingError(
+                f"non-finite loss at step {step} in scenario {scenario!r} (task {task!r}); training stopped. "
+                f"Last good checkpoint: {kept if kept else 'none'}"
+            )
+
+    def _flush(self, pending, log, writer) -> None:
+        for step, loss, by_task in pending:
+            value = float(loss)
+            self.history.append(value)
+            tasks = {k: float(v) for k, v in by_task.items()}
+            for k in self.task_history:
+                self.task_history[k].append(tasks.get(k, float("nan")))
+            if log is not None:
+                log.write(json.dumps({"step": step, "loss": value, "tasks": tasks}) + "\n")
+            if writer is not None:
+                writer.add_scalar("loss/total", value, step)
+                for k, v in tasks.items():
+                    writer.add_scalar(f"loss/{k}", v, step)
+        if log is not None:
+            log.flush()
+
+
+def check_resumable(saved: dict, now: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint written by a different run (config or model fingerprint differ)."""
+    diffs = [k for k in ("config", "fingerprint") if k in saved and k in now and saved[k] != now[k]]
+    if diffs:
+        raise TrainingError(
+            f"{path}: the checkpoint in this run folder was written by a different run ({', '.join(diffs)} differ); "
+            "use another `out` folder or delete the old checkpoints"
+        )
+
+
+def _tensorboard(folder: Path):
+    """A TensorBoard writer when ``tensorboard`` is installed, else ``None`` (the JSONL log is always written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
