@@ -93,6 +93,19 @@ def _recipe(name: str):
     return run
 
 
+def _nextitem(args: argparse.Namespace) -> int:
+    from recfm.recipes.nextitem import format_table, nextitem
+
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise RecfmError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    print(format_table(nextitem(args.config, overrides=args.overrides, seeds=seeds, out=args.out)))
+    return 0
+
+
 _RECIPE_EXTRA = {"pretrain": set(), "finetune": {"from_ckpt"}, "evaluate": {"ckpt"}}
 
 
@@ -160,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             r.add_argument("--ckpt", required=True)
         r.set_defaults(func=_recipe(name))
+
+    n = sub.add_parser("nextitem", help="next-item retrieval (HSTU or SASRec), full-corpus HR/NDCG over seeds")
+    n.add_argument("config", help="next-item YAML, or a shipped name: ml-1m/hstu, ml-1m/sasrec, amazon-beauty/hstu, ...")
+    n.add_argument("overrides", nargs="*", help="key=value overrides, e.g. backbone.layer.impl=triton train.max_minutes=2")
+    n.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
+    n.add_argument("--out", default=None, help="results folder (default: the config's out)")
+    n.set_defaults(func=_nextitem)
     return p
 
 

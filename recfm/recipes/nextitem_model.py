@@ -1,0 +1,107 @@
+"""The next-item model (item table -> HSTU backbone or SASRec -> retrieval head) and its full-corpus evaluation.
+
+::
+
+    ids [N] (item rows) --item table [num_items, d]--> x [N, d]
+        HSTU:   Dropout(x * sqrt(d)) -> Backbone(mask_mode="causal", all layers full; positions: its relative bias)
+        SASRec: SASRec(x)             (learned absolute positions, softmax causal attention)
+    -> h [N, d] -> RetrievalHead (shared item table, L2-normalised, temperature, sampled softmax)
+
+Evaluation ranks each user's held-out item among ALL ``num_items`` items (rows of the table) from the output
+at the user's last input token. The user's own history items are NOT excluded (as in the published
+HSTU / SASRec full-ranking numbers). Ties are pessimistic (:func:`recfm.heads.retrieval.full_ranks`): an
+item whose score is within 1e-6 of the target's counts as ranked ahead of it, so a collapsed model gets the
+worst rank. Metrics: HR@K = share of users with rank <= K; NDCG@K = mean of ``1 / log2(rank + 1)`` over
+users with rank <= K (0 otherwise) -- one relevant item per user.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from recfm.foundation.model.backbone import Backbone
+from recfm.foundation.model.sasrec import SASRec
+from recfm.heads.retrieval import RetrievalHead, hr_ndcg_at_k
+from recfm.recipes.nextitem_config import NextItemConfig
+from recfm.recipes.nextitem_data import JaggedBatch, Split, gather_batch
+
+KS = (10, 50)
+METRICS = tuple(f"{m}@{k}" for k in KS for m in ("hr", "ndcg"))
+
+
+class NextItemModel(nn.Module):
+    """Item table + encoder + retrieval head for one next-item config (module docstring)."""
+
+    def __init__(self, cfg: NextItemConfig, num_items: int):
+        super().__init__()
+        self.kind, d = cfg.model, cfg.d_model
+        self.items = nn.Embedding(num_items, d)
+        nn.init.normal_(self.items.weight, std=0.02)
+        if cfg.model == "hstu":
+            self.encoder = Backbone(cfg.backbone)
+            self.use_time = cfg.backbone.layer.use_time_bias
+        else:
+            self.encoder = SASRec(cfg.sasrec)
+            self.use_time = False
+        self.input_dropout = nn.Dropout(cfg.embedding.dropout)
+        r = cfg.retrieval
+        table = self.items if r.share_item_table else None
+        self.head = RetrievalHead(d, num_items, d, item_table=table, temperature=r.temperature,
+                                  num_negatives=r.num_negatives, negatives=r.negatives)
+
+    def encode(self, batch: JaggedBatch, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, d]`` causal outputs of a jagged batch; ``positions [N]`` int64 (used as timestamps when the
+        HSTU layer has a time bias; the shared datasets have no real timestamps)."""
+        x = self.items(batch.ids)
+        if self.kind == "sasrec":
+            return self.encoder(x, batch.offsets, batch.max_len)
+        x = self.input_dropout(x * math.sqrt(x.shape[1]))
+        group = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        return self.encoder(x, batch.offsets, None, positions if self.use_time else None, group, batch.max_len,
+                            mask_mode="causal")
+
+
+def token_positions(batch: JaggedBatch) -> torch.Tensor:
+    """``[N]`` int64 position of each token inside its sample (synthetic timestamps: one step apart)."""
+    n = batch.ids.shape[0]
+    lengths = batch.offsets[1:] - batch.offsets[:-1]
+    start = torch.repeat_interleave(batch.offsets[:-1], lengths, output_size=n)
+    return torch.arange(n, device=batch.ids.device) - start
+
+
+def rank_metrics(ranks: torch.Tensor, ks=KS) -> dict[str, float]:
+    """HR@K and NDCG@K from 1-based ranks ``[U]`` (module docstring): ``{"hr@10": .., "ndcg@10": .., ...}``."""
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"hr@{k}"], out[f"ndcg@{k}"] = hr_ndcg_at_k(ranks, k)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: NextItemModel, split: Split, batch_users: int, chunk: int, autocast: bool) -> tuple[dict, torch.Tensor]:
+    """Rank every user's held-out item of ``split`` (valid or test) over the full corpus.
+
+    Users are taken in order in batches of ``batch_users`` (each batch is a contiguous slice of the split's
+    tokens); the encoder runs under bf16 autocast when ``autocast``; scores are fp32.
+
+    Returns:
+        ``(metrics, ranks [U])``.
+    """
+    was_training = model.training
+    model.eval()
+    device = split.inputs.device
+    ranks = []
+    for start in range(0, split.num_users, batch_users):
+        users = np.arange(start, min(start + batch_users, split.num_users))
+        batch = gather_batch(split, users)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            h = model.encode(batch, token_positions(batch))
+        last = h[batch.offsets[1:] - 1].float()  # [B, d] output at each user's last input token
+        ranks.append(model.head.ranks(last, split.targets[batch.users], chunk_size=chunk))
+    model.train(was_training)
+    all_ranks = torch.cat(ranks)
+    return rank_metrics(all_ranks), all_ranks
