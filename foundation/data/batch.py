@@ -149,8 +149,20 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.token_type.numel())
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        """A copy on ``device`` (tensors and KJTs moved; host ints kept)."""
+    def to(self, device: torch.device | str, non_blocking: bool = False, merged: bool | None = None) -> "Batch":
+        """A copy on ``device`` (tensors and KJTs moved; host ints kept).
+
+        ``merged`` (default: when host tensors go to a CUDA device) packs every tensor into one page-locked
+        host buffer and makes ONE transfer; the copy's tensors are views of one device buffer
+        (:func:`recfm.foundation.data.device.merged_copy`). ``non_blocking=True`` then makes the transfer
+        asynchronous on the current stream. ``merged=False``: one ``.to()`` per tensor.
+        """
+        if merged is None:
+            merged = torch.device(device).type == "cuda" and self.offsets.device.type == "cpu"
+        if merged:
+            from recfm.foundation.data.device import merged_copy  # device.py imports this module
+
+            return merged_copy(self, device, non_blocking=non_blocking)
         return self._map(
             lambda t: t.to(device, non_blocking=non_blocking),
             lambda kjt: kjt.to(torch.device(device), non_blocking=non_blocking),

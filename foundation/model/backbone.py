@@ -77,6 +77,7 @@ class Backbone(nn.Module):
         max_len: int,
         mask_mode: MaskMode | str = MaskMode.MIXED,
         target_index: torch.Tensor | None = None,
+        validate: bool = True,
     ) -> torch.Tensor:
         """Encode jagged tokens.
 
@@ -85,6 +86,11 @@ class Backbone(nn.Module):
             mask_mode: ``mixed`` (user-level samples, hybrid layers) | ``causal`` | ``full``.
             target_index: ``[N_T]`` int64 rows of the T tokens (every T row once, any order), if the
                 caller has them (saves one host sync); by default found from ``token_type``.
+            validate: check the *values* of offsets, token types, target rows and groups (host syncs on a
+                GPU). Pass ``False`` when they were checked on the host already, e.g. by
+                :func:`recfm.foundation.data.device.check_batch` before the copy (the
+                :class:`~recfm.foundation.data.device.DevicePrefetcher` does it): with ``target_index``
+                given as well, the forward then needs no host synchronisation. Shapes are always checked.
 
         Returns:
             ``[N, d_model]``.
@@ -92,7 +98,9 @@ class Backbone(nn.Module):
         mode = MaskMode(mask_mode)
         if x.dim() != 2:
             raise RecfmError(f"Backbone: x must be [N, d_model], got {tuple(x.shape)}")
-        validate_jagged(offsets, x.shape[0], max_len, token_type=token_type, query_index=target_index, where="Backbone")
+        if validate:
+            validate_jagged(offsets, x.shape[0], max_len, token_type=token_type, query_index=target_index,
+                            where="Backbone")
         if mode is MaskMode.MIXED and token_type is None:
             raise RecfmError("Backbone: mask_mode='mixed' needs token_type")
         hybrid = mode is MaskMode.MIXED and any(self.is_target_layer)
@@ -102,7 +110,7 @@ class Backbone(nn.Module):
             x = layer(
                 x, offsets, token_type=token_type, timestamps=timestamps, group=group, max_len=max_len,
                 mask_mode=mode, query_index=target_index if hybrid and is_target else None,
-                validate=layer is self.layers[0],
+                validate=validate and layer is self.layers[0],
             )
         if self.norm_out is not None:
             x = self.norm_out(x, group, validate=False)

@@ -27,10 +27,22 @@ Choices (brief section 4 says public implementations differ; these are ours, eac
 * **Group LayerNorm** before the projections and on the attention output (MTGR): one affine pair per token
   group (H kind, R, T of each scenario), so tokens of different origin keep their own scale.
 * **Dropout** on ``GLN(O) * U`` only (as in the paper's eq. 3); set 0 for deterministic tests.
+
+Kernel implementations (``HSTUConfig.impl``), chosen per call from the tensors at hand -- no global switch:
+
+* ``auto`` (default): for each op (attention, Group LayerNorm), ``triton`` when the tensors are on a CUDA
+  device, are float16/bfloat16/float32, Triton is importable and the op's ``IMPLS`` has a ``triton`` entry;
+  ``reference`` otherwise (CPU, float64 gradchecks, no Triton). :func:`resolve_impl` is the rule.
+* an explicit name of ``recfm.kernels.hstu_attention.IMPLS`` (``reference``, ``triton``, ...): attention
+  uses exactly that; Group LayerNorm uses the same name when its ``IMPLS`` has it and ``auto`` otherwise
+  (e.g. an attention-only implementation such as a dense one).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +58,23 @@ from recfm.kernels.hstu_attention import IMPLS as ATTENTION_IMPLS
 from recfm.kernels.hstu_attention import Normaliser, hstu_attention
 
 PROJECTIONS = ("u", "v", "q", "k")
+AUTO = "auto"
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` would succeed (looked up once; Triton itself is not imported here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_impl(impl: str, x: torch.Tensor, impls: Mapping[str, object]) -> str:
+    """The key of ``impls`` to run for ``impl`` (``auto`` or a name) on tensors like ``x`` (module docstring)."""
+    if impl != AUTO and impl in impls:
+        return impl
+    if x.is_cuda and x.dtype in _TRITON_DTYPES and "triton" in impls and triton_available():
+        return "triton"
+    return "reference"
 
 
 @dataclass(frozen=True)
@@ -69,7 +98,7 @@ class HSTUConfig:
     bias_per_head: bool = True
     num_groups: int = 1  # Group LayerNorm groups (see recfm.foundation.data.batch)
     norm_eps: float = 1e-5
-    impl: str = "reference"  # kernel implementation of attention and Group LayerNorm
+    impl: str = AUTO  # kernel implementations: "auto" or a key of hstu_attention.IMPLS (module docstring)
 
     def __post_init__(self):
         problems = []
@@ -92,8 +121,8 @@ class HSTUConfig:
             problems.append(f"hstu.time_bucket_base: must be > 1, got {self.time_bucket_base}")
         if unknown := [p for p in self.silu_on if p not in PROJECTIONS]:
             problems.append(f"hstu.silu_on: unknown projections {unknown}, choose from {list(PROJECTIONS)}")
-        if self.impl not in ATTENTION_IMPLS or self.impl not in GLN_IMPLS:
-            problems.append(f"hstu.impl: must be one of {sorted(set(ATTENTION_IMPLS) & set(GLN_IMPLS))}, got {self.impl!r}")
+        if self.impl != AUTO and self.impl not in ATTENTION_IMPLS:
+            problems.append(f"hstu.impl: must be one of {[AUTO, *sorted(ATTENTION_IMPLS)]}, got {self.impl!r}")
         if problems:
             raise ConfigError(problems)
 
@@ -101,14 +130,15 @@ class HSTUConfig:
 class GroupLayerNorm(nn.Module):
     """LayerNorm with one ``(weight, bias)`` row per token group: ``[N, dim]``, group ``[N]`` -> ``[N, dim]``."""
 
-    def __init__(self, num_groups: int, dim: int, eps: float = 1e-5, impl: str = "reference"):
+    def __init__(self, num_groups: int, dim: int, eps: float = 1e-5, impl: str = AUTO):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_groups, dim))
         self.bias = nn.Parameter(torch.zeros(num_groups, dim))
         self.eps, self.impl = eps, impl
 
     def forward(self, x: torch.Tensor, group: torch.Tensor, validate: bool = True) -> torch.Tensor:
-        return group_layer_norm(x, group, self.weight, self.bias, self.eps, impl=self.impl, validate=validate)
+        impl = resolve_impl(self.impl, x, GLN_IMPLS)
+        return group_layer_norm(x, group, self.weight, self.bias, self.eps, impl=impl, validate=validate)
 
 
 class HSTULayer(nn.Module):
@@ -173,7 +203,7 @@ class HSTULayer(nn.Module):
             max_len=max_len, token_type=token_type, timestamps=timestamps, mask_mode=mask_mode,
             pos_bias=self.bias.pos_table, time_bias=self.bias.time_table,
             time_bucket_base=self.bias.time_bucket_base, alpha=c.attn_alpha, normaliser=c.normaliser,
-            query_index=query_index, impl=c.impl, validate=validate,
+            query_index=query_index, impl=resolve_impl(c.impl, q, ATTENTION_IMPLS), validate=validate,
         )  # [N_q, h, d_v]
         y = x_q + self.proj_out(self.dropout(self.norm_attn(out.flatten(1), group_q, validate) * u))
         return y if query_index is None else x.index_copy(0, query_index, y)

@@ -27,6 +27,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _rowsum(x):
+    """Sum over axis 1 (``tl.reduce`` with a local combine function, so the module also runs under the
+    interpreter when Triton itself was imported before ``TRITON_INTERPRET`` was set)."""
+    return tl.reduce(x, 1, _add)
+
+
+@triton.jit
 def _gln_fwd(X, GROUP, W, B, Y, MEAN, RSTD, n_rows, d, eps,
              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -37,9 +49,9 @@ def _gln_fwd(X, GROUP, W, B, Y, MEAN, RSTD, n_rows, d, eps,
     ok = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / d
+    mean = _rowsum(x) / d
     xc = tl.where(ok, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / d
+    var = _rowsum(xc * xc) / d
     rstd = 1.0 / tl.sqrt(var + eps)
     g = tl.load(GROUP + rows, mask=row_ok, other=0)
     w = tl.load(W + g[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -72,21 +84,21 @@ def _gln_bwd(X, GROUP, W, DY, MEAN, RSTD, DX, PART_W, PART_B, n_rows, d,
         w = tl.load(W + tl.maximum(g, 0)[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
         wdy = w * dy
-        c1 = tl.sum(xhat * wdy, axis=1) / d
-        c2 = tl.sum(wdy, axis=1) / d
+        c1 = _rowsum(xhat * wdy) / d
+        c2 = _rowsum(wdy) / d
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
         dw_rows = dy * xhat
         for gg in range(0, N_GROUPS):
             sel = g == gg
-            if tl.max(sel.to(tl.int32), axis=0) > 0:
+            if tl.reduce(sel.to(tl.int32), 0, _add) > 0:
                 pw = PART_W + part + gg * d + cols
                 tl.store(pw, tl.load(pw, mask=col_ok, other=0.0)
-                         + tl.sum(tl.where(sel[:, None], dw_rows, 0.0), axis=0), mask=col_ok)
+                         + tl.reduce(tl.where(sel[:, None], dw_rows, 0.0), 0, _add), mask=col_ok)
                 if HAS_BIAS:
                     pb = PART_B + part + gg * d + cols
                     tl.store(pb, tl.load(pb, mask=col_ok, other=0.0)
-                             + tl.sum(tl.where(sel[:, None], dy, 0.0), axis=0), mask=col_ok)
+                             + tl.reduce(tl.where(sel[:, None], dy, 0.0), 0, _add), mask=col_ok)
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
