@@ -283,3 +283,15 @@ def test_shipped_configs_run_on_a_slice_of_the_public_data(dataset, model, share
         values = [r["test"][k] for r in result["per_seed"]]
         assert result["aggregate"]["test"][k]["mean"] == pytest.approx(sum(values) / 2)
         assert result["aggregate"]["test"][k]["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+
+
+def test_hstu_dense_attention_trains_exactly_like_the_reference():
+    data = pattern_data(users=40)
+    runs = []
+    for impl in ("reference", "dense"):
+        cfg = tiny_config("hstu", max_epochs=2)
+        layer = dataclasses.replace(cfg.backbone.layer, impl=impl, d_qk=50, d_v=50)  # d not a power of 2
+        cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, layer=layer))
+        runs.append(train_seed(cfg, data, 0, torch.device("cpu"), None))
+    assert [h["loss"] for h in runs[0]["history"]] == pytest.approx([h["loss"] for h in runs[1]["history"]], rel=1e-4)
+    assert runs[0]["test"] == pytest.approx(runs[1]["test"], abs=1e-6)
