@@ -16,7 +16,9 @@ to a caller's list, so one pass over several files collects them all::
         raise ConfigError(problems)
 
 Rules: unknown keys are errors (with a "did you mean" suggestion); ``true`` is not an integer; an integer
-is accepted where a float is expected (and converted); ``null`` is only accepted for ``X | None``.
+is accepted where a float is expected (and converted); ``null`` is only accepted for ``X | None``. A
+:class:`~recfm.errors.ConfigError` raised by a dataclass's own ``__post_init__`` checks does not escape:
+its problems join the list, prefixed with the file and the dataclass's key path (see ``_post_init_problem``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from recfm.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------- YAML
 
@@ -165,7 +169,29 @@ def parse(cls: type, data: Any, *, file: str, path: str, problems: list[str], gi
             problem(problems, file, _join(path, name), "missing required key")
     if len(problems) > before:
         return None
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as e:  # the dataclass's own __post_init__ checks: folded in, with file and key path
+        problems.extend(_post_init_problem(e_problem, cls, file, path) for e_problem in e.problems)
+        return None
+
+
+def _post_init_problem(message: str, cls: type, file: str, path: str) -> str:
+    """``file: path.key: message`` for one problem raised by ``cls.__post_init__``.
+
+    The dataclass names the key either relative to itself (``num_blocks: ...``) or behind its own label
+    (``backbone.num_blocks: ...``, ``hstu.d_model: ...``); the label is replaced by ``path``, the key path
+    where the dataclass sits in the file. A message that names no field of ``cls`` is kept whole.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    key, sep, rest = message.partition(": ")
+    parts = key.split(".")
+    if sep and " " not in key:
+        if parts[0].split("[")[0] in names:
+            return f"{file}: {_join(path, key)}: {rest}"
+        if len(parts) > 1 and parts[1].split("[")[0] in names:
+            return f"{file}: {_join(path, '.'.join(parts[1:]))}: {rest}"
+    return f"{file}: {path}: {message}" if path else f"{file}: {message}"
 
 
 def parse_value(tp: Any, value: Any, *, file: str, path: str, problems: list[str]):

@@ -279,6 +279,49 @@ def test_strict_given_fields_are_not_read_from_the_file():
     assert problems == ["f: resume: unknown key (known keys: name, steps, optim, precision, tags)"]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """Checks of its own in __post_init__, labelled the way recfm's configs label them."""
+
+    width: int
+    heads: int = 1
+
+    def __post_init__(self):
+        problems = []
+        if self.width < 1:
+            problems.append(f"layer.width: must be >= 1, got {self.width}")  # behind the class's own label
+        if self.width % self.heads:
+            problems.append(f"heads: must divide width={self.width}, got {self.heads}")  # relative to the class
+        if self.heads > 8:
+            problems.append("too many heads for one layer")  # names no field
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Net:
+    layer: _Layer
+    layers: tuple[_Layer, ...] = ()
+    depth: int = 1
+
+
+def test_strict_folds_post_init_problems_into_the_list_with_file_and_key_path():
+    problems: list[str] = []
+    data = {"layer": {"width": -1, "heads": 3}, "layers": [{"width": 4}, {"width": 10, "heads": 16}], "depth": "x"}
+    assert strict.parse(_Net, data, file="net.yaml", path="model", problems=problems) is None
+    assert problems == [  # one list: the parser's own problems and every __post_init__'s, in file order
+        "net.yaml: model.layer.width: must be >= 1, got -1",
+        "net.yaml: model.layer.heads: must divide width=-1, got 3",
+        "net.yaml: model.layers[1].heads: must divide width=10, got 16",
+        "net.yaml: model.layers[1]: too many heads for one layer",
+        "net.yaml: model.depth: expected an integer, got 'x'",
+    ]
+    problems = []
+    assert strict.parse(_Layer, {"width": 0}, file="layer.yaml", path="", problems=problems) is None
+    assert problems == ["layer.yaml: width: must be >= 1, got 0"]
+    assert strict.parse(_Net, {"layer": {"width": 4, "heads": 2}}, file="f", path="", problems=[]) == _Net(_Layer(4, 2))
+
+
 # ------------------------------------------------------------------------------------ fingerprints
 
 
