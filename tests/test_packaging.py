@@ -25,6 +25,10 @@ PROBE = (
     "    assert importlib.util.find_spec(name) is None, f'top-level module {{name}} is importable'\n"
     "from recfm.configs import config_path\n"
     "assert config_path('world', 'default.yaml').is_file()\n"
+    "assert config_path('presets', 'tiny.yaml').is_file()\n"
+    "from recfm.scenarios.loader import load_world\n"
+    "for parts in [('world', 'default.yaml'), ('real', 'retailrocket', 'world.yaml'), ('real', 'douban', 'world.yaml')]:\n"
+    "    assert load_world(config_path(*parts)).scenarios  # scenario files found beside the world file\n"
     "import recfm.foundation\n"
     "print(recfm.foundation.__file__)\n"
 )
@@ -59,7 +63,10 @@ def test_wheel_holds_only_the_recfm_namespace(wheel: Path):
     assert tops == {"recfm", f"recfm-{recfm.__version__}.dist-info"}, tops
     for sub in ("foundation", "scenarios", "heads", "kernels", "configs"):
         assert f"recfm/{sub}/__init__.py" in names
-    assert "recfm/configs/world/default.yaml" in names
+    shipped = {f"recfm/configs/{p.relative_to(ROOT / 'configs').as_posix()}" for p in (ROOT / "configs").rglob("*.yaml")}
+    assert {"recfm/configs/world/default.yaml", "recfm/configs/presets/tiny.yaml"} <= shipped
+    assert any(n.startswith("recfm/configs/real/") for n in shipped)
+    assert shipped <= set(names), sorted(shipped - set(names))  # every config, at any depth
     assert not any(n.startswith("recfm/tests/") or n.startswith("tests/") for n in names)
 
 
