@@ -9,7 +9,16 @@ Layout (B samples concatenated, no padding)::
     out:      [N_q, h,    d_v]
 
 The math is in :mod:`.reference` (the specification); the mask in :mod:`recfm.foundation.model.mask`; the
-bias bucketing in :mod:`recfm.foundation.model.bias`. ``impl`` picks the implementation from ``IMPLS``.
+bias bucketing in :mod:`recfm.foundation.model.bias`. ``impl`` picks the implementation from ``IMPLS``:
+
+* ``reference`` -- plain PyTorch, one sample at a time (:mod:`.reference`); any device; the specification.
+* ``triton`` -- fused forward/backward kernels (:mod:`.triton_impl`, design notes in docs/kernels.md);
+  CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Triton is imported on first use.
+* ``dense`` -- the batch padded to ``[B, max_len]`` with a dense mask (:mod:`.dense`): the plain PyTorch
+  baseline of the benchmark; ``O(B * max_len^2)`` memory.
+
+With ``query_index``, ``dense`` assumes each token appears at most once among the query rows (at most
+``max_len`` queries per sample); ``reference`` and ``triton`` also accept repeated rows.
 """
 
 from __future__ import annotations
@@ -22,7 +31,23 @@ from recfm.errors import RecfmError
 from recfm.foundation.model.mask import MaskMode
 from recfm.kernels.hstu_attention.reference import Normaliser, hstu_attention_reference
 
-IMPLS = {"reference": hstu_attention_reference}
+
+
+def _triton(*args, **kwargs) -> torch.Tensor:
+    """Lazy entry of the fused Triton kernels (imports Triton on first call)."""
+    from recfm.kernels.hstu_attention.triton_impl import hstu_attention_triton
+
+    return hstu_attention_triton(*args, **kwargs)
+
+
+def _dense(*args, **kwargs) -> torch.Tensor:
+    """Lazy entry of the padded dense PyTorch baseline."""
+    from recfm.kernels.hstu_attention.dense import hstu_attention_dense
+
+    return hstu_attention_dense(*args, **kwargs)
+
+
+IMPLS = {"reference": hstu_attention_reference, "triton": _triton, "dense": _dense}
 
 __all__ = ["IMPLS", "MaskMode", "Normaliser", "hstu_attention", "validate_jagged"]
 

@@ -1,0 +1,231 @@
+"""Triton building blocks shared by the HSTU attention kernels: mask predicate, bias buckets, tile ranges.
+
+Everything here is ``@triton.jit`` and works on tiles: a *query* operand and a *key* operand that
+broadcast against each other (``[BLOCK_M, 1]`` with ``[1, BLOCK_N]`` in the query-major kernels, the
+transpose in the key-major dK/dV kernel). Constants shared with the launchers:
+
+* ``MASK_MODE``: 0 full, 1 causal, 2 mixed (:class:`recfm.foundation.model.mask.MaskMode`).
+* ``NORM``: 0 the sample length, 1 the number of allowed keys (saved by the forward), 2 a constant
+  (``max_len`` or 1).
+* ``STATS``: ``[B, 3]`` int32 per sample, mixed mode only: ``h_prefix`` (tokens before the first non-H
+  token), ``h_end`` (1 + position of the last H token, 0 if none), ``e_end`` (1 + position of the last
+  H or R token). Every key a token may see lies below ``h_end`` (H queries) or ``e_end`` (R/T queries),
+  except a target's own position; keys below ``h_prefix`` are seen by every query.
+
+Token types on padded key columns are loaded as 3 (no type), which the mixed predicate never allows.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MODE_FULL = 0
+MODE_CAUSAL = 1
+MODE_MIXED = 2
+NORM_LENGTH = 0
+NORM_KEYS = 1
+NORM_CONST = 2
+NO_TYPE: tl.constexpr = tl.constexpr(3)  # loaded for key columns past the sample end
+TIME_CAP: tl.constexpr = tl.constexpr(2**62)  # bias.time_bucket_boundaries caps boundaries here
+FAR: tl.constexpr = tl.constexpr(1 << 30)  # "no such position" in min/max reductions
+
+
+@triton.jit
+def dot(a, b, DOT_PREC: tl.constexpr):
+    """``a @ b`` with an fp32 accumulator. ``DOT_PREC``: ``"ieee"`` (fp32 inputs, no tf32), ``"tf32"`` (the
+    default for 16-bit inputs), or ``"upcast"``: both operands to fp32 first -- only under the interpreter,
+    whose bf16 dot is wrong in Triton 3.6."""
+    if DOT_PREC == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
+def allowed_tile(MASK_MODE: tl.constexpr, type_q, type_k, ts_q, ts_k, pos_q, pos_k):
+    """The mask predicate of recfm.foundation.model.mask.allowed (causal or mixed), broadcast."""
+    if MASK_MODE == 1:
+        ok = pos_k <= pos_q
+    else:
+        key_r = type_k == 1
+        earlier = ts_k < ts_q
+        same_or_earlier = earlier | ((ts_k == ts_q) & (pos_k <= pos_q))
+        ok = (type_k == 0) | (key_r & (type_q == 1) & same_or_earlier) | (key_r & (type_q == 2) & earlier)
+        ok = ok | ((type_k == 2) & (pos_k == pos_q))
+    return ok
+
+
+@triton.jit
+def pos_bucket(ev_q, ev_k, P_HALF):
+    """Column of the position table: ``clamp(p_i - p_j, -P, P) + P`` (int32)."""
+    return tl.minimum(tl.maximum(ev_q - ev_k, -P_HALF), P_HALF) + P_HALF
+
+
+@triton.jit
+def time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log_base):
+    """Column of the time table: the number of boundaries ``<= |t_i - t_j|`` (exact).
+
+    A float estimate ``floor(log(1 + dt) / log(base))`` is off by at most one bucket near a boundary
+    (float32 error << one bucket for ``base >= ~1.001``); one comparison against the integer boundary on
+    each side makes it exact. ``TBND`` holds the ``NUM_TB - 1`` int64 boundaries; gaps of at least the
+    boundaries' cap (2^62 s) take the last bucket.
+    """
+    dt = tl.abs(ts_q - ts_k)
+    est = tl.floor(tl.log(dt.to(tl.float32) + 1.0) * inv_log_base).to(tl.int32)
+    est = tl.minimum(tl.maximum(est, 0), NUM_TB - 1)
+    can_up = est < NUM_TB - 1
+    up = tl.load(TBND + est, mask=can_up, other=0)
+    est = tl.where(can_up & (dt >= up), est + 1, est)
+    can_down = est > 0
+    down = tl.load(TBND + est - 1, mask=can_down, other=0)
+    est = tl.where(can_down & (dt < down), est - 1, est)
+    return tl.where(dt >= TIME_CAP, NUM_TB - 1, est)  # boundaries past the cap are the cap itself
+
+
+@triton.jit
+def add_bias(s, ev_q, ev_k, ts_q, ts_k, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log_base,
+             HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
+    """``s + pos_table[bucket] + time_table[bucket]`` (table pointers already at the head's row)."""
+    if HAS_POS:
+        s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
+    if HAS_TIME:
+        s += tl.load(TTAB + time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log_base)).to(tl.float32)
+    return s
+
+
+@triton.jit
+def scatter_add_grad(DTAB, bucket, ds):
+    """``DTAB[bucket] += ds`` for a tile; one atomic when the whole tile falls in one bucket."""
+    lo = tl.min(tl.min(bucket, axis=1), axis=0)
+    hi = tl.max(tl.max(bucket, axis=1), axis=0)
+    if lo == hi:
+        tl.atomic_add(DTAB + lo, tl.sum(tl.sum(ds, axis=1), axis=0), sem="relaxed")
+    else:
+        tl.atomic_add(DTAB + bucket, ds, sem="relaxed")
+
+
+@triton.jit
+def silu_parts(s):
+    """``(silu(s), silu'(s))`` in float32."""
+    sig = tl.sigmoid(s)
+    return s * sig, sig * (1.0 + s * (1.0 - sig))
+
+
+@triton.jit
+def key_ranges(MASK_MODE: tl.constexpr, L, pos_q, type_q, row_ok, STATS, b, BLOCK_N: tl.constexpr):
+    """Key blocks a query tile must visit: ``[0, free_end)`` need no mask, ``[free_end, masked_end)`` and
+    ``[extra_lo, extra_hi)`` (a target's own position past ``e_end``) are masked. All multiples of
+    BLOCK_N; every allowed (query, key) pair lies in exactly one of them."""
+    if MASK_MODE == 0:
+        free_end = tl.cdiv(L, BLOCK_N) * BLOCK_N
+        masked_end = free_end
+        extra_lo = free_end
+        extra_hi = free_end
+    elif MASK_MODE == 1:
+        q_min = tl.min(tl.where(row_ok, pos_q, FAR), axis=0)
+        q_max = tl.max(tl.where(row_ok, pos_q, -1), axis=0)
+        free_end = ((q_min + 1) // BLOCK_N) * BLOCK_N
+        masked_end = tl.cdiv(q_max + 1, BLOCK_N) * BLOCK_N
+        extra_lo = masked_end
+        extra_hi = masked_end
+    else:
+        h_prefix = tl.load(STATS + b * 3)
+        h_end = tl.load(STATS + b * 3 + 1)
+        e_end = tl.load(STATS + b * 3 + 2)
+        non_h = tl.max(tl.where(row_ok & (type_q != 0), 1, 0), axis=0)
+        hi = tl.where(non_h > 0, e_end, h_end)
+        free_end = (tl.minimum(h_prefix, hi) // BLOCK_N) * BLOCK_N
+        masked_end = tl.cdiv(hi, BLOCK_N) * BLOCK_N
+        is_t = row_ok & (type_q == 2)
+        t_min = tl.min(tl.where(is_t, pos_q, FAR), axis=0)
+        t_max = tl.max(tl.where(is_t, pos_q, -1), axis=0)
+        extra_lo = tl.maximum(masked_end, (t_min // BLOCK_N) * BLOCK_N)
+        extra_hi = tl.cdiv(t_max + 1, BLOCK_N) * BLOCK_N
+    return free_end, masked_end, extra_lo, extra_hi
+
+
+@triton.jit
+def query_ranges(MASK_MODE: tl.constexpr, HAS_QIDX: tl.constexpr, k_start, q_len, STATS, b,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query rows (multiples of BLOCK_M, in the sample's sorted query rows) a key tile
+    ``[k_start, k_start + BLOCK_N)`` must visit: ``[free_lo, free_hi)`` unmasked, ``[masked_lo, masked_hi)``
+    masked. Conservative with target-only queries (their positions are not known per block)."""
+    all_hi = tl.cdiv(q_len, BLOCK_M) * BLOCK_M
+    k_end = k_start + BLOCK_N
+    if MASK_MODE == 0:
+        free_lo = 0
+        masked_lo = all_hi
+        masked_hi = all_hi
+    elif MASK_MODE == 1:
+        if HAS_QIDX:
+            free_lo = all_hi
+            masked_lo = 0
+            masked_hi = all_hi
+        else:
+            masked_lo = (k_start // BLOCK_M) * BLOCK_M
+            masked_hi = tl.minimum(tl.cdiv(k_end - 1, BLOCK_M) * BLOCK_M, all_hi)
+            free_lo = masked_hi
+    else:
+        h_prefix = tl.load(STATS + b * 3)
+        h_end = tl.load(STATS + b * 3 + 1)
+        e_end = tl.load(STATS + b * 3 + 2)
+        all_h = k_end <= h_prefix
+        only_t = k_start >= e_end
+        if HAS_QIDX:
+            lo = 0
+            diag_lo = 0
+            diag_hi = all_hi
+        else:
+            lo = tl.where(k_start >= h_end, (h_prefix // BLOCK_M) * BLOCK_M, 0)
+            diag_lo = (k_start // BLOCK_M) * BLOCK_M
+            diag_hi = tl.minimum(tl.cdiv(k_end, BLOCK_M) * BLOCK_M, all_hi)
+        free_lo = tl.where(all_h, 0, all_hi)
+        masked_lo = tl.where(all_h, all_hi, tl.where(only_t, diag_lo, lo))
+        masked_hi = tl.where(all_h, all_hi, tl.where(only_t, diag_hi, all_hi))
+    return free_lo, all_hi, masked_lo, masked_hi
+
+
+@triton.jit
+def query_tile(QTOK, TYPE, TS, POS, seq_start, q_start, q_len, start_m, HAS_QIDX: tl.constexpr,
+               NEED_TYPE: tl.constexpr, NEED_TS: tl.constexpr, NEED_EV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows ``start_m + [0, BLOCK_M)`` of a sample's (sorted) queries: ``(rows, row_ok, pos_q, type_q, ts_q,
+    ev_q)`` -- positions inside the sample (int32), token types, timestamps (int64) and event positions;
+    fields not needed are ``pos_q`` placeholders."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    if HAS_QIDX:
+        pos_q = (tl.load(QTOK + q_start + rows, mask=row_ok, other=0) - seq_start).to(tl.int32)
+    else:
+        pos_q = rows
+    tok = seq_start + pos_q
+    type_q = pos_q
+    ts_q = pos_q
+    ev_q = pos_q
+    if NEED_TYPE:
+        type_q = tl.load(TYPE + tok, mask=row_ok, other=0).to(tl.int32)
+    if NEED_TS:
+        ts_q = tl.load(TS + tok, mask=row_ok, other=0)
+    if NEED_EV:
+        ev_q = tl.load(POS + tok, mask=row_ok, other=0)
+    return rows, row_ok, pos_q, type_q, ts_q, ev_q
+
+
+@triton.jit
+def key_tile(TYPE, TS, POS, seq_start, L, start_n, NEED_TYPE: tl.constexpr, NEED_TS: tl.constexpr,
+             NEED_EV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Columns ``start_n + [0, BLOCK_N)`` of a sample's keys: ``(cols, col_ok, type_k, ts_k, ev_k)``
+    (type ``NO_TYPE`` past the sample end; unneeded fields are ``cols`` placeholders)."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < L
+    type_k = cols
+    ts_k = cols
+    ev_k = cols
+    if NEED_TYPE:
+        type_k = tl.load(TYPE + seq_start + cols, mask=col_ok, other=NO_TYPE).to(tl.int32)
+    if NEED_TS:
+        ts_k = tl.load(TS + seq_start + cols, mask=col_ok, other=0)
+    if NEED_EV:
+        ev_k = tl.load(POS + seq_start + cols, mask=col_ok, other=0)
+    return cols, col_ok, type_k, ts_k, ev_k

@@ -1,0 +1,133 @@
+"""Forward Triton kernel of HSTU attention (one query tile per program, keys streamed in blocks).
+
+Grid ``(cdiv(max_len, BLOCK_M), B, h)``: program ``(p, b, g)`` handles query head ``g`` of sample ``b``,
+query tiles ``n_prog - 1 - p, + n_prog, ...`` (the last, heaviest causal tiles start first; the stride
+loop also covers a sample with more query rows than ``max_len``). K/V rows are read from the kv head
+``g // GROUP`` in place (GQA without repeating K/V). Per key block::
+
+    s = alpha * q @ k^T + pos_bias + time_bias      [BLOCK_M, BLOCK_N] fp32
+    acc += (silu(s) * mask) @ v                     fp32 accumulator, operands in the input dtype
+
+and ``out = acc / n`` at the end (no softmax: no running max). Key blocks come from
+:func:`.triton_common.key_ranges`: blocks every query of the tile sees (the causal part below the
+diagonal, the leading H tokens of a mixed sample) skip the mask; blocks no query sees are never loaded.
+With the ``keys`` normaliser the allowed-key count of every query row is written to ``INVN`` (as 1/n)
+for the backward.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from recfm.kernels.hstu_attention.triton_common import (
+    add_bias,
+    dot,
+    allowed_tile,
+    key_ranges,
+    key_tile,
+    query_tile,
+)
+
+
+@triton.jit
+def _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, ev_q, K, V, TYPE, TS, POS, PTAB, TTAB, TBND, seq_start, L,
+              start_n, kv_h, alpha, P_HALF, NUM_TB, inv_log_base,
+              H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
+              MASK_MODE: tl.constexpr, COUNT: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+              DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    cols, col_ok, type_k, ts_k, ev_k = key_tile(TYPE, TS, POS, seq_start, L, start_n, MASKED and MASK_MODE == 2,
+                                                (MASKED and MASK_MODE == 2) or HAS_TIME, HAS_POS, BLOCK_N)
+    dq = tl.arange(0, BLOCK_DQK)
+    dv = tl.arange(0, BLOCK_DV)
+    tok = seq_start + cols
+    k = tl.load(K + tok[:, None] * (H_KV * D_QK) + kv_h * D_QK + dq[None, :],
+                mask=col_ok[:, None] & (dq[None, :] < D_QK), other=0.0)
+    s = dot(q, tl.trans(k), DOT_PREC) * alpha
+    s = add_bias(s, ev_q[:, None], ev_k[None, :], ts_q[:, None], ts_k[None, :], PTAB, TTAB, TBND, P_HALF, NUM_TB,
+                 inv_log_base, HAS_POS, HAS_TIME)
+    a = s * tl.sigmoid(s)
+    if MASKED:
+        ok = allowed_tile(MASK_MODE, type_q[:, None], type_k[None, :], ts_q[:, None], ts_k[None, :],
+                          pos_q[:, None], cols[None, :])
+        a = tl.where(ok, a, 0.0)
+        if COUNT:
+            cnt += tl.sum(ok.to(tl.int32), axis=1)
+    v = tl.load(V + tok[:, None] * (H_KV * D_V) + kv_h * D_V + dv[None, :],
+                mask=col_ok[:, None] & (dv[None, :] < D_V), other=0.0)
+    acc += dot(a.to(v.dtype), v, DOT_PREC)
+    return acc, cnt
+
+
+@triton.jit
+def hstu_fwd_kernel(
+    Q, K, V, O, OFF, QOFF, QTOK, TYPE, TS, POS, PTAB, TTAB, TBND, STATS, INVN,
+    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log_base, LEN_KEY,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+    MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Q ``[N_q, H, D_QK]`` (rows grouped by sample, QOFF ``[B+1]``), K ``[N, H/GROUP, D_QK]``,
+    V ``[N, H/GROUP, D_V]``, O ``[N_q, H, D_V]``; all contiguous. LEN_KEY only keys the autotuner."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    g = tl.program_id(2)
+    n_prog = tl.num_programs(0)
+    H_KV: tl.constexpr = H // GROUP
+    COUNT: tl.constexpr = NORM == 1 and MASK_MODE == 2
+    seq_start = tl.load(OFF + b)
+    L = (tl.load(OFF + b + 1) - seq_start).to(tl.int32)
+    if HAS_QIDX:
+        q_start = tl.load(QOFF + b)
+        q_len = (tl.load(QOFF + b + 1) - q_start).to(tl.int32)
+    else:
+        q_start = seq_start
+        q_len = L
+    kv_h = g // GROUP
+    PTAB += g * ptab_stride
+    TTAB += g * ttab_stride
+    dq = tl.arange(0, BLOCK_DQK)
+    dv = tl.arange(0, BLOCK_DV)
+    for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
+        rows, row_ok, pos_q, type_q, ts_q, ev_q = query_tile(
+            QTOK, TYPE, TS, POS, seq_start, q_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2,
+            MASK_MODE == 2 or HAS_TIME, HAS_POS, BLOCK_M)
+        q = tl.load(Q + (q_start + rows)[:, None] * (H * D_QK) + g * D_QK + dq[None, :],
+                    mask=row_ok[:, None] & (dq[None, :] < D_QK), other=0.0)
+        free_end, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b,
+                                                              BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for start_n in range(0, free_end, BLOCK_N):
+            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, ev_q, K, V, TYPE, TS, POS, PTAB, TTAB, TBND,
+                                 seq_start, L, start_n, kv_h, alpha, P_HALF, NUM_TB, inv_log_base, H_KV, D_QK,
+                                 D_V, False, MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, BLOCK_N, BLOCK_DQK,
+                                 BLOCK_DV)
+        for start_n in range(free_end, masked_end, BLOCK_N):
+            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, ev_q, K, V, TYPE, TS, POS, PTAB, TTAB, TBND,
+                                 seq_start, L, start_n, kv_h, alpha, P_HALF, NUM_TB, inv_log_base, H_KV, D_QK,
+                                 D_V, True, MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, BLOCK_N, BLOCK_DQK,
+                                 BLOCK_DV)
+        if MASK_MODE == 2:
+            for start_n in range(extra_lo, extra_hi, BLOCK_N):
+                acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, ev_q, K, V, TYPE, TS, POS, PTAB, TTAB,
+                                     TBND, seq_start, L, start_n, kv_h, alpha, P_HALF, NUM_TB, inv_log_base, H_KV,
+                                     D_QK, D_V, True, MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, BLOCK_N,
+                                     BLOCK_DQK, BLOCK_DV)
+        if NORM == 0:
+            acc = acc * (1.0 / L.to(tl.float32))
+        elif NORM == 1:
+            if MASK_MODE == 0:
+                n_keys = tl.zeros([BLOCK_M], dtype=tl.int32) + L
+            elif MASK_MODE == 1:
+                n_keys = pos_q + 1
+            else:
+                n_keys = cnt + free_end
+            inv_n = 1.0 / tl.maximum(n_keys, 1).to(tl.float32)
+            acc = acc * inv_n[:, None]
+            tl.store(INVN + q_start + rows, inv_n, mask=row_ok & (g == 0))
+        else:
+            acc = acc * norm_const
+        tl.store(O + (q_start + rows)[:, None] * (H * D_V) + g * D_V + dv[None, :], acc.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv[None, :] < D_V))

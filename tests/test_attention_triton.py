@@ -1,0 +1,255 @@
+"""Fused Triton HSTU attention and the dense baseline against the reference (the specification).
+
+Without CUDA the Triton kernels run under the interpreter (``TRITON_INTERPRET=1``, set here before the
+kernel modules import Triton) on tiny shapes (16x16 tiles, lengths <= 40 so every case has empty,
+length-1 and non-multiple-of-16 samples). With CUDA the same tests run compiled, plus the ``gpu`` tests
+(bigger shapes, autotuned configs, no host sync).
+
+Tolerances (relative error of the whole tensor in the 2-norm, forward output and the gradients of q, k,
+v and both bias tables): fp32 1e-4 (tf32 off in the kernels), fp16 5e-3, bf16 2e-2 (measured: ~1e-6, 4e-4, 6e-3) -- the reference
+gets the same rounded inputs and computes in fp32, so the error is the kernels' rounding of the SiLU
+weights and dS to the input dtype before their matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the import of the kernel modules
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from recfm.errors import RecfmError  # noqa: E402
+from recfm.foundation.model.bias import time_bucket_boundaries, time_buckets  # noqa: E402
+from recfm.kernels.hstu_attention import hstu_attention  # noqa: E402
+from recfm.kernels.hstu_attention.triton_common import time_bucket  # noqa: E402
+from recfm.kernels.hstu_attention.triton_launch import _interpreter_index_fix, interpreting  # noqa: E402
+
+tl = triton.language
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+H, R, T = 0, 1, 2
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+
+
+def make_batch(lengths, h, h_kv, *, d_qk=16, d_v=16, layout=True, seed=0, dtype=torch.float32):
+    """Random q/k/v, offsets, token types and timestamps: per sample H, then R, then T (``layout``) or
+    random types; timestamps with many ties and gaps spanning several log buckets."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    types, stamps = [], []
+    for length in lengths:
+        if layout:
+            cuts = sorted(rng.randint(0, length) for _ in range(2))
+            if length == 40:  # 21 H, 11 R, 8 T: 16-tiles straddle the H/R border, the last holds only T
+                cuts = [21, 32]
+            kinds = [H] * cuts[0] + [R] * (cuts[1] - cuts[0]) + [T] * (length - cuts[1])
+        else:
+            kinds = [rng.choice((H, R, T)) for _ in range(length)]
+        types += kinds
+        stamps += [rng.choice((0, 1, 2, 7, 100, 5000)) if k == H else 5000 + rng.choice((0, 0, 1, 3, 60)) for k in kinds]
+    n = sum(lengths)
+    offsets = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int64)
+    q = torch.randn(n, h, d_qk, generator=gen).to(dtype)
+    k = torch.randn(n, h_kv, d_qk, generator=gen).to(dtype)
+    v = torch.randn(n, h_kv, d_v, generator=gen).to(dtype)
+    return [t.to(DEVICE) for t in (q, k, v, offsets, torch.tensor(types, dtype=torch.int8),
+                                   torch.tensor(stamps, dtype=torch.int64))]
+
+
+def forward_backward(impl, q, k, v, offsets, pos_bias, time_bias, grad_seed=1, **kw):
+    """Output and gradients ``[out, dq, dk, dv, dpos, dtime]`` (None where a table is absent)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (q, k, v, pos_bias, time_bias)]
+    out = hstu_attention(leaves[0], leaves[1], leaves[2], offsets, pos_bias=leaves[3], time_bias=leaves[4],
+                         impl=impl, **kw)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out)
+    out.backward(grad)
+    return [out] + [None if t is None else t.grad for t in leaves]
+
+
+def assert_close_rel(got, want, tol, names=("out", "dq", "dk", "dv", "dpos", "dtime")):
+    for name, a, b in zip(names, got, want):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
+        err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def table(rows, cols, seed):
+    return (torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.5).to(DEVICE)
+
+
+CASES = {
+    # id: (mask, normaliser, h, h_kv, layout, pos rows/cols, time rows/cols, query rows)
+    "full-mha-length": ("full", "length", 4, 4, True, (4, 9), (1, 8), None),
+    "causal-kv1-keys": ("causal", "keys", 4, 1, True, (1, 65), None, None),
+    "mixed-kv2-keys": ("mixed", "keys", 4, 2, True, (4, 9), (4, 12), None),
+    "mixed-randomtypes-maxlen": ("mixed", "max_len", 2, 1, False, None, (2, 6), None),
+    "mixed-targets-kv1": ("mixed", "length", 3, 1, True, (3, 7), (1, 32), "targets"),
+    "causal-rows-none": ("causal", "none", 2, 2, True, None, None, "random"),
+    "full-kv1-keys-rows": ("full", "keys", 2, 1, False, (1, 5), None, "random"),
+}
+LENGTHS = [0, 17, 1, 40, 5, 16]
+
+
+def query_rows(kind, types, seed):
+    if kind is None:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "targets":
+        rows = torch.nonzero(types.cpu() == T).flatten()
+    else:  # random unsorted subset, one token twice (the reference allows repeated query rows)
+        rows = torch.randperm(types.numel(), generator=gen)[: types.numel() // 2]
+        rows = torch.cat([rows, rows[:1]])
+    return rows[torch.randperm(rows.numel(), generator=gen)].to(DEVICE)
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_triton_matches_reference_fp32(case):
+    mode, norm, h, h_kv, layout, pos, time, rows_kind = CASES[case]
+    q, k, v, offsets, types, stamps = make_batch(LENGTHS, h, h_kv, d_qk=16, d_v=24, layout=layout, seed=3)
+    rows = query_rows(rows_kind, types, seed=4)
+    if rows is not None:
+        q = q[rows]
+    kw = dict(max_len=40, token_type=types, timestamps=stamps, mask_mode=mode, normaliser=norm, query_index=rows,
+              time_bucket_base=1.5, alpha=0.4)
+    tabs = (None if pos is None else table(*pos, seed=5), None if time is None else table(*time, seed=6))
+    want = forward_backward("reference", q, k, v, offsets, *tabs, **kw)
+    got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    assert_close_rel(got, want, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_half_precision(dtype):
+    q, k, v, offsets, types, stamps = make_batch([33, 0, 1, 20], 4, 2, layout=True, seed=7, dtype=dtype)
+    kw = dict(max_len=33, token_type=types, timestamps=stamps, mask_mode="mixed", normaliser="keys")
+    tabs = (table(4, 9, 8), table(1, 10, 9))
+    want = forward_backward("reference", q, k, v, offsets, *tabs, **kw)
+    got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    assert got[0].dtype == dtype
+    assert_close_rel(got, want, TOL[dtype])
+
+
+def test_triton_empty_and_length_one_batches():
+    q, k, v, offsets, types, stamps = make_batch([1, 0, 1, 1], 2, 1, seed=10)
+    kw = dict(max_len=1, token_type=types, timestamps=stamps, normaliser="keys")
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, table(2, 5, 1), None, **kw),
+                     forward_backward("reference", q, k, v, offsets, table(2, 5, 1), None, **kw), 1e-4)
+    q, k, v, offsets, types, stamps = make_batch([0, 0, 0], 2, 1, seed=11)
+    out, dq, dk, dv, dpos, _ = forward_backward("triton", q, k, v, offsets, table(1, 5, 1), None, max_len=0,
+                                                token_type=types, timestamps=stamps)
+    assert out.shape == (0, 2, 16) and dk.shape == (0, 1, 16)
+    assert dpos.abs().sum().item() == 0
+    q, k, v, offsets, types, stamps = make_batch([3, 4], 2, 1, seed=12)
+    none = hstu_attention(q[:0], k, v, offsets, max_len=4, token_type=types, timestamps=stamps, impl="triton",
+                          query_index=torch.zeros(0, dtype=torch.int64, device=DEVICE))
+    assert none.shape == (0, 2, 16)
+
+
+@triton.jit
+def _buckets_kernel(DT, OUT, TBND, NUM_TB, inv_log_base, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    dt = tl.load(DT + offs)
+    tl.store(OUT + offs, time_bucket(dt, tl.zeros_like(dt), TBND, NUM_TB, inv_log_base))
+
+
+def test_time_bucket_in_kernel_matches_integer_bucketing():
+    if interpreting():
+        _interpreter_index_fix()
+    for base, num_tb in ((2.0, 32), (1.5, 20), (10.0, 4), (1.01, 64), (3.7, 40), (2.0, 1)):
+        bounds = time_bucket_boundaries(num_tb, base)
+        edges = torch.cat([bounds - 1, bounds, bounds + 1]).clamp(0, 2**62)
+        dt = torch.cat([torch.arange(0, 300), edges, torch.tensor([10**9, 10**12, 2**40, 2**62])])
+        dt = torch.cat([dt, -dt])  # the sign is ignored
+        dt = torch.cat([dt, dt.new_zeros((-dt.numel()) % 128)]).to(DEVICE)
+        out = torch.empty(dt.shape, dtype=torch.int32, device=DEVICE)
+        tbnd = bounds.to(DEVICE) if bounds.numel() else torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        _buckets_kernel[(dt.numel() // 128,)](dt, out, tbnd, num_tb, 1.0 / math.log(base), BLOCK=128)
+        assert out.long().tolist() == time_buckets(dt, num_tb, base).tolist(), base
+
+
+def test_dense_matches_reference():
+    for layout, mode, norm, rows_kind in ((True, "mixed", "keys", None), (False, "mixed", "length", "targets"),
+                                          (True, "causal", "max_len", "random"), (True, "full", "none", None)):
+        q, k, v, offsets, types, stamps = make_batch(LENGTHS, 6, 2, d_qk=5, d_v=3, layout=layout, seed=13,
+                                                     dtype=torch.float64)
+        rows = query_rows(rows_kind, types, seed=14)
+        if rows is not None:
+            rows = torch.unique(rows)[torch.randperm(torch.unique(rows).numel())]  # dense: distinct rows
+            q = q[rows]
+        kw = dict(max_len=40, token_type=types, timestamps=stamps, mask_mode=mode, normaliser=norm,
+                  query_index=rows)
+        tabs = (table(6, 9, 15).double(), table(1, 8, 16).double())
+        assert_close_rel(forward_backward("dense", q, k, v, offsets, *tabs, **kw),
+                         forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float64])
+
+
+def _args(**change):
+    q, k, v, offsets, types, stamps = make_batch([3, 2], 4, 2, seed=17)
+    args = dict(q=q, k=k, v=v, offsets=offsets, max_len=3, token_type=types, timestamps=stamps, impl="triton")
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(offsets=torch.tensor([0, 4, 3, 5], device=DEVICE)), "non-decreasing"),
+    (lambda a: a.update(k=a["k"].half(), v=a["v"].half()), "dtype"),
+    (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), "impl='triton'.*float64"),
+    (lambda a: a.update(k=a["k"][:, :1].repeat(1, 3, 1), v=a["v"][:, :1].repeat(1, 3, 1)), "does not divide"),
+    (lambda a: a.update(q=a["q"].new_zeros(5, 4, 300), k=a["k"].new_zeros(5, 2, 300)), "at most 256"),
+    (lambda a: a.update(timestamps=a["timestamps"].to("meta")), "timestamps is on meta"),
+])
+def test_bad_inputs(change, message):
+    args = _args()
+    change(args)
+    with pytest.raises(RecfmError, match=message):
+        hstu_attention(**args)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors without the interpreter")
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RecfmError, match="need CUDA"):
+        hstu_attention(**_args())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU only: realistic lengths, autotuned configs, and no host synchronisation.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["causal", "mixed"])
+def test_gpu_bf16_long_samples(mode):
+    lengths = [700, 1, 0, 513, 64, 1000]
+    q, k, v, offsets, types, stamps = make_batch(lengths, 4, 1, d_qk=128, d_v=128, seed=20, dtype=torch.bfloat16)
+    kw = dict(max_len=1000, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="length")
+    tabs = (table(4, 257, 21), table(1, 32, 22))
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw),
+                     forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync():
+    q, k, v, offsets, types, stamps = make_batch([600, 3, 900], 4, 2, d_qk=64, d_v=64, seed=23,
+                                                 dtype=torch.bfloat16)
+    rows = query_rows("targets", types, seed=24)
+    kw = dict(max_len=900, token_type=types, timestamps=stamps, mask_mode="mixed", normaliser="keys")
+    tabs = (table(4, 65, 25), table(4, 32, 26))
+    for qi in (None, rows):
+        q_in = q if qi is None else q[qi]
+        forward_backward("triton", q_in, k, v, offsets, *tabs, query_index=qi, **kw)  # compile + autotune
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = hstu_attention(q_in.requires_grad_(), k, v, offsets, impl="triton", validate=False,
+                                 query_index=qi, pos_bias=tabs[0], time_bias=tabs[1], **kw)
+            out.sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
