@@ -37,18 +37,19 @@ def _case(n: int, d: int, groups: int, dtype: torch.dtype, seed: int, sorted_gro
     return to(x), to(group), to(weight), to(bias), to(dy)
 
 
-def _run(impl, x, group, weight, bias, dy):
-    """Output and gradients for x, weight, bias (bias may be None)."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
-    y = group_layer_norm(leaves[0], group, leaves[1], leaves[2] if bias is not None else None, impl=impl)
-    grads = torch.autograd.grad(y, leaves, dy)
+def _run(impl, x, group, weight, bias, dy, gate=None):
+    """Output and gradients for x, weight, bias, gate (bias and gate may be None, then left out)."""
+    given = {"x": x, "weight": weight, "bias": bias, "gate": gate}
+    leaves = {k: t.detach().clone().requires_grad_() for k, t in given.items() if t is not None}
+    y = group_layer_norm(leaves["x"], group, leaves["weight"], leaves.get("bias"), impl=impl, gate=leaves.get("gate"))
+    grads = torch.autograd.grad(y, list(leaves.values()), dy)
     return (y, *grads)
 
 
-def _expected(x, group, weight, bias, dy):
+def _expected(x, group, weight, bias, dy, gate=None):
     """The reference evaluated in high precision on the same (rounded) inputs."""
     up = lambda t: None if t is None else t.to(GRAD_DTYPE)  # noqa: E731
-    return _run("reference", up(x), group, up(weight), up(bias), up(dy))
+    return _run("reference", up(x), group, up(weight), up(bias), up(dy), up(gate))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -68,6 +69,24 @@ def test_forward_and_backward_match_reference(dtype, n, d, groups, sorted_groups
     for name, g, w in zip(("y", "dx", "dweight", "dbias"), got, want):
         scale = w.abs().max().clamp(min=1).item()
         torch.testing.assert_close(g.to(GRAD_DTYPE), w, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_gate_matches_reference(dtype, with_bias):
+    """``GLN(x) * gate`` (HSTU's GLN(O) * U) in one kernel: output and gradients of x, weight, bias, gate."""
+    x, group, weight, bias, dy = _case(37, 24, 3, dtype, seed=7)
+    gate = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(dtype).to(DEVICE)
+    bias = bias if with_bias else None
+    got = _run("triton", x, group, weight, bias, dy, gate)
+    want = _expected(x, group, weight, bias, dy, gate)
+    assert len(got) == (5 if with_bias else 4) and got[-1].dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for g, w in zip(got, want):
+        scale = w.abs().max().clamp(min=1).item()
+        torch.testing.assert_close(g.to(GRAD_DTYPE), w, rtol=tol, atol=tol * scale)
+    plain = _run("triton", x, group, weight, bias, dy)[0].float()
+    torch.testing.assert_close(got[0].float(), plain * gate.float(), rtol=tol, atol=tol * 8)
 
 
 def test_without_bias_matches_reference():

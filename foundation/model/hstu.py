@@ -26,6 +26,8 @@ Choices (brief section 4 says public implementations differ; these are ours, eac
   see, so neither later events nor other targets move it.
 * **Group LayerNorm** before the projections and on the attention output (MTGR): one affine pair per token
   group (H kind, R, T of each scenario), so tokens of different origin keep their own scale.
+  ``GLN_attn(O) * U`` is one fused call (``group_layer_norm(..., gate=U)``): with the Triton kernels the
+  normalised ``O`` is never written to memory nor kept for the backward.
 * **Dropout** on ``GLN(O) * U`` only (as in the paper's eq. 3); set 0 for deterministic tests.
 
 Kernel implementations (``HSTUConfig.impl``), chosen per call from the tensors at hand -- no global switch:
@@ -136,9 +138,11 @@ class GroupLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_groups, dim))
         self.eps, self.impl = eps, impl
 
-    def forward(self, x: torch.Tensor, group: torch.Tensor, validate: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, group: torch.Tensor, validate: bool = True,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+        """``GLN(x)``, or ``GLN(x) * gate`` (``gate [N, dim]``) fused in one kernel pass."""
         impl = resolve_impl(self.impl, x, GLN_IMPLS)
-        return group_layer_norm(x, group, self.weight, self.bias, self.eps, impl=impl, validate=validate)
+        return group_layer_norm(x, group, self.weight, self.bias, self.eps, impl=impl, validate=validate, gate=gate)
 
 
 class HSTULayer(nn.Module):
@@ -158,8 +162,13 @@ class HSTULayer(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
         self.proj_out = nn.Linear(c.num_heads * c.d_v, c.d_model)
 
-    def _act(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        return F.silu(t) if name in self.config.silu_on else t
+    def _project(self, proj: nn.Linear, x: torch.Tensor, names: tuple[str, str], sizes: list[int]):
+        """``proj(x)`` split in two, SiLU on the parts named in ``silu_on`` (one pass when both are)."""
+        out = proj(x)
+        on = [n in self.config.silu_on for n in names]
+        if all(on):
+            return F.silu(out).split(sizes, dim=1)
+        return tuple(F.silu(t) if act else t for t, act in zip(out.split(sizes, dim=1), on))
 
     def forward(
         self,
@@ -191,11 +200,12 @@ class HSTULayer(nn.Module):
         if x.dim() != 2 or x.shape[1] != c.d_model:
             raise RecfmError(f"HSTULayer: x must be [N, d_model={c.d_model}], got {tuple(x.shape)}")
         x_hat = self.norm_in(x, group, validate)
-        v, k = self.proj_vk(x_hat).split([c.num_kv_heads * c.d_v, c.num_kv_heads * c.d_qk], dim=1)
-        x_q, group_q = (x, group) if query_index is None else (x[query_index], group[query_index])
-        x_hat_q = x_hat if query_index is None else x_hat[query_index]
-        u, q = self.proj_uq(x_hat_q).split([c.num_heads * c.d_v, c.num_heads * c.d_qk], dim=1)
-        u, v, q, k = self._act("u", u), self._act("v", v), self._act("q", q), self._act("k", k)
+        v, k = self._project(self.proj_vk, x_hat, ("v", "k"), [c.num_kv_heads * c.d_v, c.num_kv_heads * c.d_qk])
+        if query_index is None:
+            x_q, group_q, x_hat_q = x, group, x_hat
+        else:  # index_select: its backward is an index_add (no sort, no host sync)
+            x_q, group_q, x_hat_q = (t.index_select(0, query_index) for t in (x, group, x_hat))
+        u, q = self._project(self.proj_uq, x_hat_q, ("u", "q"), [c.num_heads * c.d_v, c.num_heads * c.d_qk])
 
         out = hstu_attention(
             q.view(-1, c.num_heads, c.d_qk), k.view(-1, c.num_kv_heads, c.d_qk),
@@ -205,5 +215,5 @@ class HSTULayer(nn.Module):
             time_bucket_base=self.bias.time_bucket_base, alpha=c.attn_alpha, normaliser=c.normaliser,
             query_index=query_index, impl=resolve_impl(c.impl, q, ATTENTION_IMPLS), validate=validate,
         )  # [N_q, h, d_v]
-        y = x_q + self.proj_out(self.dropout(self.norm_attn(out.flatten(1), group_q, validate) * u))
+        y = x_q + self.proj_out(self.dropout(self.norm_attn(out.flatten(1), group_q, validate, gate=u)))
         return y if query_index is None else x.index_copy(0, query_index, y)

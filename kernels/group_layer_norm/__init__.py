@@ -6,6 +6,7 @@ Layout::
     group:  [N] int64   group of each token (H kind, R, T of a scenario: see recfm.foundation.data.batch)
     weight: [G, d]      one scale row per group
     bias:   [G, d]      one shift row per group (or None)
+    gate:   [N, d]      optional: out = GLN(x) * gate, fused (HSTU's GLN(O) * U)
     out:    [N, d]
 
 The math is in :mod:`.reference`; ``impl`` picks the implementation from ``IMPLS``:
@@ -24,11 +25,11 @@ from recfm.kernels.group_layer_norm.reference import group_layer_norm_reference
 
 
 def _triton(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            eps: float) -> torch.Tensor:
+            eps: float, gate: torch.Tensor | None = None) -> torch.Tensor:
     """Lazy entry of the Triton implementation (imports Triton on first call)."""
     from recfm.kernels.group_layer_norm.triton_impl import group_layer_norm_triton
 
-    return group_layer_norm_triton(x, group, weight, bias, eps)
+    return group_layer_norm_triton(x, group, weight, bias, eps, gate)
 
 
 IMPLS = {"reference": group_layer_norm_reference, "triton": _triton}
@@ -44,6 +45,7 @@ def group_layer_norm(
     eps: float = 1e-5,
     impl: str = "reference",
     validate: bool = True,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Normalise each row of ``x`` and apply its group's affine parameters.
 
@@ -56,6 +58,7 @@ def group_layer_norm(
         impl: a key of ``IMPLS``.
         validate: also check that group ids are in range (one host sync); shapes, dtypes and devices are
             always checked. Everything is checked before any compute.
+        gate: ``[N, d]`` float or ``None``; when given the result is ``GLN(x) * gate`` in one pass.
 
     Returns:
         ``[N, d]`` in ``x``'s dtype.
@@ -79,9 +82,13 @@ def group_layer_norm(
             fail(f"{name} must be a floating [G, d={d}] tensor, got {p.dtype} {tuple(p.shape)}")
     if bias is not None and bias.shape != weight.shape:
         fail(f"weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must have the same shape")
-    for name, t in (("group", group), ("weight", weight), ("bias", bias)):
+    if gate is not None and (gate.shape != x.shape or not gate.dtype.is_floating_point):
+        fail(f"gate must be a floating tensor of x's shape {tuple(x.shape)}, got {gate.dtype} {tuple(gate.shape)}")
+    for name, t in (("group", group), ("weight", weight), ("bias", bias), ("gate", gate)):
         if t is not None and t.device != x.device:
             fail(f"{name} is on {t.device} but x is on {x.device}")
     if validate and n and (int(group.min()) < 0 or int(group.max()) >= weight.shape[0]):
         fail(f"group ids must be in [0, {weight.shape[0]}), got {int(group.min())} .. {int(group.max())}")
-    return IMPLS[impl](x, group, weight, bias, float(eps))
+    if gate is None:
+        return IMPLS[impl](x, group, weight, bias, float(eps))
+    return IMPLS[impl](x, group, weight, bias, float(eps), gate)

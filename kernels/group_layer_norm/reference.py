@@ -5,6 +5,7 @@ root), then scaled and shifted by the parameters of *its own* group::
 
     y_i = (x_i - mean(x_i)) / sqrt(var(x_i) + eps) * weight[group_i] + bias[group_i]
 
+With a ``gate`` (``[N, d]``) the result is ``y * gate`` (HSTU's ``GLN(O) * U``), in the same precision.
 Computed in float32 (float64 when ``x`` is float64), returned in ``x``'s dtype; works on any device.
 """
 
@@ -20,11 +21,15 @@ def group_layer_norm_reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     eps: float,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [N, d]``, ``group [N]`` int64, ``weight``/``bias [G, d]`` -> ``[N, d]`` (inputs already validated)."""
+    """``x [N, d]``, ``group [N]`` int64, ``weight``/``bias [G, d]``, ``gate [N, d]`` or None -> ``[N, d]``
+    (inputs already validated)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     normed = F.layer_norm(x.to(dtype), (x.shape[1],), eps=eps)
     y = normed * weight.to(dtype)[group]
     if bias is not None:
         y = y + bias.to(dtype)[group]
+    if gate is not None:
+        y = y * gate.to(dtype)
     return y.to(x.dtype)

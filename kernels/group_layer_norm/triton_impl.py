@@ -14,6 +14,10 @@ variants; tiles past the end are fully masked)::
     dW[g] += sum over the tile's rows of group g of dy * xhat             into partial[p, g, :] (float32)
     dB[g] += sum over the tile's rows of group g of dy
 
+With a ``gate`` (HSTU's ``GLN(O) * U``) the forward multiplies by it before the store, and the backward
+first forms ``dgate = dy * GLN(x)`` and ``dy <- dy * gate``: the normalised tensor is never written to
+memory nor kept for the backward.
+
 Program ``p`` is the only writer of ``partial[p]`` (no atomics, deterministic); a group absent from a
 tile is skipped, so a tile costs one partial update per group it holds. ``partial.sum(0)`` gives the
 ``[G, d]`` gradients. No host synchronisation anywhere (grid sizes come from host-side shapes).
@@ -39,8 +43,8 @@ def _rowsum(x):
 
 
 @triton.jit
-def _gln_fwd(X, GROUP, W, B, Y, MEAN, RSTD, n_rows, d, eps,
-             HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gln_fwd(X, GROUP, W, B, GATE, Y, MEAN, RSTD, n_rows, d, eps,
+             HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
@@ -58,15 +62,17 @@ def _gln_fwd(X, GROUP, W, B, Y, MEAN, RSTD, n_rows, d, eps,
     y = xc * rstd[:, None] * w
     if HAS_BIAS:
         y += tl.load(B + g[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        y *= tl.load(GATE + rows64[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(Y + rows64[:, None] * d + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
     tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
-def _gln_bwd(X, GROUP, W, DY, MEAN, RSTD, DX, PART_W, PART_B, n_rows, d,
-             N_GROUPS: tl.constexpr, TILES: tl.constexpr,
-             HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, n_rows, d,
+             N_GROUPS: tl.constexpr, TILES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < d
@@ -83,6 +89,12 @@ def _gln_bwd(X, GROUP, W, DY, MEAN, RSTD, DX, PART_W, PART_B, n_rows, d,
         g = tl.load(GROUP + rows, mask=row_ok, other=-1)
         w = tl.load(W + tl.maximum(g, 0)[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_GATE:  # y = GLN(x) * gate: dgate = dy * GLN(x), and GLN's upstream gradient is dy * gate
+            normed = xhat * w
+            if HAS_BIAS:
+                normed += tl.load(B + tl.maximum(g, 0)[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(DGATE + offs, (dy * normed).to(DGATE.dtype.element_ty), mask=ok)
+            dy = dy * tl.load(GATE + offs, mask=ok, other=0.0).to(tl.float32)
         wdy = w * dy
         c1 = _rowsum(xhat * wdy) / d
         c2 = _rowsum(wdy) / d
@@ -117,47 +129,53 @@ def _tiles_per_program(x: torch.Tensor, n_tiles: int) -> int:
 
 class _GroupLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, weight, bias, eps):
+    def forward(ctx, x, group, weight, bias, eps, gate):
         n, d = x.shape
-        x = x.contiguous()
-        group = group.contiguous()
-        weight_c = weight.contiguous()
+        x, group, weight_c = x.contiguous(), group.contiguous(), weight.contiguous()
         bias_c = bias.contiguous() if bias is not None else None
+        gate_c = gate.contiguous() if gate is not None else None
         y = torch.empty_like(x)
         mean = torch.empty(n, dtype=torch.float32, device=x.device)
         rstd = torch.empty(n, dtype=torch.float32, device=x.device)
         block_n, block_d, warps = _blocks(d)
         if n:
             _gln_fwd[(triton.cdiv(n, block_n),)](
-                x, group, weight_c, bias_c if bias_c is not None else weight_c, y, mean, rstd, n, d, eps,
-                HAS_BIAS=bias_c is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+                x, group, weight_c, _or(bias_c, weight_c), _or(gate_c, x), y, mean, rstd, n, d, eps,
+                HAS_BIAS=bias_c is not None, HAS_GATE=gate_c is not None,
+                BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
             )
-        ctx.save_for_backward(x, group, weight_c, mean, rstd)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, group, weight_c, bias_c, gate_c, mean, rstd)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, group, weight, mean, rstd = ctx.saved_tensors
+        x, group, weight, bias, gate, mean, rstd = ctx.saved_tensors
         n, d = x.shape
         n_groups = weight.shape[0]
         dy = dy.contiguous()
         dx = torch.empty_like(x)
+        dgate = torch.empty_like(gate) if gate is not None else None
         block_n, block_d, warps = _blocks(d)
         n_tiles = triton.cdiv(n, block_n)
         tiles = _tiles_per_program(x, n_tiles)
         programs = max(1, triton.cdiv(n_tiles, tiles))
         part_w = torch.zeros(programs, n_groups, d, dtype=torch.float32, device=x.device)
-        part_b = torch.zeros_like(part_w) if ctx.has_bias else part_w
+        part_b = torch.zeros_like(part_w) if bias is not None else part_w
         if n:
             _gln_bwd[(programs,)](
-                x, group, weight, dy, mean, rstd, dx, part_w, part_b, n, d, N_GROUPS=n_groups, TILES=tiles,
-                HAS_BIAS=ctx.has_bias, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+                x, group, weight, _or(bias, weight), _or(gate, x), dy, mean, rstd, dx, _or(dgate, dx),
+                part_w, part_b, n, d, N_GROUPS=n_groups, TILES=tiles, HAS_BIAS=bias is not None,
+                HAS_GATE=gate is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
             )
         dw = part_w.sum(0).to(ctx.dtypes[0])
-        db = part_b.sum(0).to(ctx.dtypes[1]) if ctx.has_bias else None
-        return dx, None, dw, db, None
+        db = part_b.sum(0).to(ctx.dtypes[1]) if bias is not None else None
+        return dx, None, dw, db, None, dgate
+
+
+def _or(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """A pointer for an absent optional input (never read: its HAS_* flag is off)."""
+    return placeholder if t is None else t
 
 
 def group_layer_norm_triton(
@@ -166,10 +184,12 @@ def group_layer_norm_triton(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     eps: float,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [N, d]``, ``group [N]`` int64, ``weight``/``bias [G, d]`` -> ``[N, d]`` in ``x``'s dtype.
+    """``x [N, d]``, ``group [N]`` int64, ``weight``/``bias [G, d]``, ``gate [N, d]`` or None -> ``[N, d]``
+    in ``x``'s dtype: ``GLN(x)``, times ``gate`` when given (one kernel each way).
 
     Inputs already validated by :func:`recfm.kernels.group_layer_norm.group_layer_norm`. Runs on CUDA,
     or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
     """
-    return _GroupLayerNorm.apply(x, group, weight, bias, float(eps))
+    return _GroupLayerNorm.apply(x, group, weight, bias, float(eps), gate)
