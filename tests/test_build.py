@@ -158,7 +158,7 @@ def test_hand_made_user_layout_is_exact(hand):
     assert s["h"] == [] and s["r"] == [] and s["t_feed"] == [] and [t["coupon_id"] for t in s["t_coupon"]] == [902]
     assert (report.rows, report.tokens_h, report.tokens_r, report.tokens_t) == (3, 10, 2, 5)
     assert report.unmatched_actions == 1 and report.events_without_samples == 1 and report.skipped == {}
-    assert json.loads((tmp / "user" / "build_report.json").read_text())["rows"] == 3
+    assert json.loads((tmp / "user" / "_build_report.json").read_text())["rows"] == 3
 
 
 def test_hand_made_exposure_layout_is_exact(hand):
@@ -326,6 +326,23 @@ def test_stats_and_datasets_read_the_output(random_builds, tmp_path):
     ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
     first = _rows(tmp / "user")[0]
     assert len(ds) == outs["user"].rows and ds[0]["user_id"] == first["user_id"] and ds[0]["h"] == first["h"]
+
+
+def test_the_output_folder_reads_as_one_dataset(random_builds, tmp_path):
+    """The report beside the part files does not break folder readers (docs/data.md, "Reading samples")."""
+    import pyarrow.dataset as pads
+
+    _, _, _, tmp, outs = random_builds
+    out = tmp / "exposure-csv"
+    assert (out / "_build_report.json").is_file() and not (out / "build_report.json").exists()
+    expected = pa.concat_tables([pq.read_table(f) for f in sample_files(out)])
+    assert pq.read_table(out).equals(expected)
+    assert pads.dataset(out, format="parquet").to_table().equals(expected)
+    assert pads.dataset(sorted(map(str, out.glob("part-*.parquet"))), format="parquet").to_table().equals(expected)
+    datasets = pytest.importorskip("datasets")
+    glob = datasets.load_dataset("parquet", data_files=f"{out}/part-*.parquet", split="train", cache_dir=str(tmp_path / "hf"))
+    assert glob.num_rows == outs["exposure-csv-5parts"].rows == expected.num_rows
+    assert glob.to_list() == expected.to_pylist()
 
 
 def test_vectorised_helpers_match_brute_force():

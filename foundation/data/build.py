@@ -26,7 +26,11 @@ Semantics (the sample schema is :func:`recfm.foundation.data.schema.sample_schem
 Streaming: pass 0 scans ids and timestamps (:mod:`.build_spill`), pass 1 spills canonical rows into user-range
 partitions under ``<out>/_build_tmp`` (sized from ``memory_mb``), pass 2 assembles one partition at a time
 (:mod:`.build_assemble`) and writes ``<out>/part-*.parquet`` row group by row group, then
-``<out>/build_report.json``. Earlier ``part-*.parquet`` files in ``out`` are replaced.
+``<out>/_build_report.json``. Earlier ``part-*.parquet`` files in ``out`` are replaced.
+
+Reading the output: the folder itself (``pyarrow.parquet.read_table(out)``, ``pyarrow.dataset.dataset(out)``:
+pyarrow skips names starting with ``_`` or ``.``, hence ``_build_report.json``) or the ``part-*.parquet``
+glob (``datasets.load_dataset("parquet", data_files=f"{out}/part-*.parquet")``); docs/data.md.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ from recfm.foundation.data.io import LogFile, MalformedRows, iter_batches, open_
 from recfm.scenarios.spec import FeatureSpec, FeatureType, WorldSpec
 
 TMP_DIR = "_build_tmp"
-REPORT = "build_report.json"
+REPORT = "_build_report.json"  # "_": folder readers (pyarrow.dataset) skip it
+_OLD_REPORT = "build_report.json"  # its earlier name: removed from a reused out folder, which pyarrow must read
 _EVENT_OVERHEAD = 96  # pass-2 bytes per event beyond its row: sort permutations, ranks, pair keys
 _EXPOSURE_OVERHEAD = 64
 
@@ -260,7 +265,7 @@ def _exposure_columns(world: WorldSpec) -> list[str]:
 
 def _prepare_out(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("part-*.parquet"), out / REPORT]:
+    for old in [*out.glob("part-*.parquet"), out / REPORT, out / _OLD_REPORT]:
         old.unlink(missing_ok=True)
     tmp = out / TMP_DIR
     shutil.rmtree(tmp, ignore_errors=True)
@@ -281,7 +286,7 @@ def build_samples(
     partitions: int | None = None,
 ) -> BuildReport:
     """Build samples from raw logs into ``out`` (see the module docstring); returns the report it also
-    writes to ``<out>/build_report.json``.
+    writes to ``<out>/_build_report.json``.
 
     ``partitions`` forces the number of user-range partitions (default: derived from the input size and
     ``memory_mb``); the samples do not depend on it, only how the work is split."""
