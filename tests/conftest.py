@@ -11,6 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    import torch
+
+    # Test tensors are tiny: one intra-op thread avoids thread oversubscription on small CI machines
+    # (torch's default of one thread per core spins badly when other processes share the cores).
+    torch.set_num_threads(1)
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

@@ -44,6 +44,7 @@ from recfm.foundation.model.model import RecModel
 from recfm.heads.mmoe import TaskLoss
 from recfm.recipes.checkpoint import Checkpointer, rng_state, set_rng_state
 from recfm.recipes.config import Schedule, TrainConfig
+from recfm.recipes.distributed import ShardedTables, broadcast_module, is_distributed, shard_tables, sum_gradients
 
 
 class TrainingError(RecfmError):
@@ -125,17 +126,9 @@ def step_loss(losses: list[TaskLoss], counts: dict[tuple[str, str], float]) -> t
 
 
 def all_reduce_gradients(params: list[nn.Parameter]) -> None:
-    """Sum gradients over ranks in one flat buffer (missing grads count as zeros)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1) or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
-        offset += n
+    """Sum gradients over ranks in one flat buffer; a parameter no rank has a gradient for keeps ``None``."""
+    if params:
+        sum_gradients(params, torch.zeros(0, device=params[0].device))
 
 
 @dataclass
@@ -183,10 +176,18 @@ class Trainer:
         self.meta = meta or {}
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.progress = progress and self.rank == 0
+        broadcast_module(model, device)  # every rank starts from rank 0's weights
+        self.sharded: ShardedTables | None = (
+            shard_tables(model, cfg.sparse_lr, device) if cfg.shard_embeddings and is_distributed() else None
+        )
         self.dense, self.sparse = make_optimizers(model, cfg, dense_scale)
+        if self.sharded is not None:
+            self.sparse = self.sharded.optimizer  # fused row-wise Adagrad on this rank's table shards
         self.optimizers = [o for o in (self.dense, self.sparse) if o is not None]
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        local = {id(p) for p in self.sharded.params} if self.sharded is not None else set()
+        self.trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in local]
         self.keys = task_keys(model)
+        self.task_specs = {(s, t.name): t for s in model.scenario_names for t in model.head.tasks(s)}
         self.checkpointer = Checkpointer(self.out / "checkpoints", keep=2)
         self.step = 0
         self.history: list[float] = []
@@ -197,33 +198,47 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
+        """The whole training state (with sharded tables: gathered to rank 0, a collective call)."""
+        model, optimizers = self.model.state_dict(), [o.state_dict() for o in self.optimizers]
+        if self.sharded is not None:
+            model, optimizers = self.sharded.full_state(model), self.sharded.full_state(optimizers)
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizers": [o.state_dict() for o in self.optimizers],
+            "spec": self.meta.get("fingerprint", {}),
+            "model": model,
+            "optimizers": optimizers,
             "data": self.data.state_dict(),
             "rng": rng_state(),
             "history": self.history,
             "task_history": self.task_history,
             "meta": self.meta,
+            "spec": self.meta.get("fingerprint", {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
         if len(state["optimizers"]) != len(self.optimizers):
             raise TrainingError("checkpoint has a different set of optimisers (trainable parameters changed?)")
-        for o, s in zip(self.optimizers, state["optimizers"]):
-            o.load_state_dict(s)
-        self.data.load_state_dict(state["data"])
+        if self.sharded is not None:
+            self.sharded.load(self.model, self.optimizers, state["model"], state["optimizers"])
+        else:
+            self.model.load_state_dict(state["model"])
+            for o, s in zip(self.optimizers, state["optimizers"]):
+                o.load_state_dict(s)
+        data = state["data"]
+        if self.data.world_size > 1:  # ranks step together: rank 0's position is every rank's
+            data = {**data, "config": {**data.get("config", {}), "rank": self.data.rank}}
+        self.data.load_state_dict(data)
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.task_history = {k: list(v) for k, v in state["task_history"].items()}
 
     def save(self) -> Path | None:
+        """Rank 0 writes the checkpoint (every rank calls: sharded tables are gathered collectively)."""
+        state = self.state_dict() if self.rank == 0 or self.sharded is not None else None
         if self.rank != 0:
             return None
-        return self.checkpointer.save(self.state_dict(), self.step)
+        return self.checkpointer.save(state, self.step)
 
     # ------------------------------------------------------------------------------------ loop
     def _batches(self) -> Iterator[Batch]:
@@ -237,9 +252,11 @@ class Trainer:
 
     def _set_lr(self) -> None:
         factor = lr_factor(self.step, self.cfg)
-        for o in self.optimizers:
-            for g in o.param_groups:
+        for o in (self.dense, None if self.sharded is not None else self.sparse):
+            for g in o.param_groups if o is not None else ():
                 g["lr"] = g["base_lr"] * factor
+        if self.sharded is not None:
+            self.sharded.set_lr(self.cfg.sparse_lr * factor)
 
     def train_step(self, batch: Batch) -> tuple[torch.Tensor, list[TaskLoss]]:
         """One optimisation step on ``batch`` (already on the device); returns the loss and task losses."""
@@ -247,17 +264,31 @@ class Trainer:
         with self.autocast:
             logits = self.model(batch)
             losses = self.model.losses(batch, logits)
-        loss = step_loss(losses, global_counts(losses, self.keys, self.device))
+        counts = global_counts(losses, self.keys, self.device)
+        loss = step_loss(losses, counts)
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
+        self._set_lr()  # before backward: sharded tables are updated inside it
         loss.backward()
-        all_reduce_gradients(self.trainable)
+        if is_distributed():
+            loss, losses = self._sum_over_ranks(loss.detach(), losses, counts)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
-        self._set_lr()
         for o in self.optimizers:
             o.step()
         return loss.detach(), losses
+
+    def _sum_over_ranks(self, loss, losses, counts) -> tuple[torch.Tensor, list[TaskLoss]]:
+        """Sum gradients over ranks (one flat all-reduce) with the loss and the task loss sums, so every
+        rank logs and checks the global values (see :mod:`recfm.recipes.distributed`)."""
+        local = {(l.scenario, l.task): l.loss_sum.detach().float() for l in losses}
+        zero = loss.new_zeros((), dtype=torch.float32)
+        summed = sum_gradients(self.trainable, torch.stack([loss.float(), *(local.get(k, zero) for k in self.keys)]))
+        out = [
+            TaskLoss(s, t, self.task_specs[(s, t)].type, summed[1 + i], int(counts[(s, t)]), self.task_specs[(s, t)].weight)
+            for i, (s, t) in enumerate(self.keys) if counts.get((s, t), 0) > 0
+        ]
+        return summed[0], out
 
     def fit(self, resume: bool = True) -> TrainResult:
         """Train to ``cfg.steps`` (resuming from the latest checkpoint in ``out`` when ``resume``)."""
@@ -273,7 +304,7 @@ class Trainer:
         else:
             torch.manual_seed(self.cfg.seed)
         writer = _tensorboard(self.out / "tb") if self.rank == 0 else None
-        log = (self.out / "train_log.jsonl").open("a") if self.rank == 0 else None
+        log = _open_log(self.out / "train_log.jsonl", self.step) if self.rank == 0 else None
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress, dynamic_ncols=True)
         bad = torch.full((len(self.keys),), -1, dtype=torch.long, device=self.device)  # first non-finite step per task
         pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
@@ -360,6 +391,16 @@ def check_resumable(saved: dict, now: dict, path: Path) -> None:
             f"{path}: the checkpoint in this run folder was written by a different run ({', '.join(diffs)} differ); "
             "use another `out` folder or delete the old checkpoints"
         )
+
+
+def _open_log(path: Path, step: int):
+    """The JSONL step log, opened for appending after dropping lines of steps >= ``step`` (written after the
+    checkpoint a resumed run starts from)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+        path.write_text("".join(line + "\n" for line in kept))
+    return path.open("a")
 
 
 def _tensorboard(folder: Path):
