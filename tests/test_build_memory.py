@@ -136,14 +136,16 @@ def _report(logs: int, result: dict, memory_mb: int) -> None:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux) to read peak RSS")
 def test_memory_stays_bounded_small(tmp_path):
     """16 MB budget: logs of ~26 MB and ~80 MB; the growth stays under budget + FIXED_MB and does not
-    follow the input size (3x the input, at most a few MB more)."""
+    follow the input size (3x the input, no more than the run-to-run noise more)."""
     small, r_small = measure(tmp_path / "a", n_events=400_000, n_exposures=80_000, n_users=8_000, memory_mb=16)
     big, r_big = measure(tmp_path / "b", n_events=1_200_000, n_exposures=250_000, n_users=20_000, memory_mb=16)
     _report(small, r_small, 16)
     _report(big, r_big, 16)
     assert big > 4 * (16 << 20) and big > 2.5 * small
     assert r_big["growth"] < (16 + FIXED_MB) << 20
-    assert r_big["growth"] < r_small["growth"] + (12 << 20)
+    # Repeated runs on the same input vary by ~10 MB (33-45 MiB measured on 2 busy cores: allocator arenas,
+    # reader threads); growth that followed the input would add tens of MB for the 3x larger logs.
+    assert r_big["growth"] < r_small["growth"] + (16 << 20)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux) to read peak RSS")
