@@ -68,6 +68,7 @@ class TrainConfig:
     max_tokens: int | None = None  # token-budget batching: ~equal tokens per batch
     lr: float = 2e-3  # dense AdamW
     sparse_lr: float = 0.05  # row-wise Adagrad on embedding tables
+    sparse_eps: float = 1e-10  # row-wise Adagrad's epsilon
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = 50
@@ -81,6 +82,7 @@ class TrainConfig:
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
     device: str = "auto"
     prefetch: bool = True
+    shard_embeddings: bool = False  # torchrun: shard tables with torchrec (docs/distributed.md)
 
 
 @dataclass(frozen=True)

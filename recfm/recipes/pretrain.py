@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from recfm.recipes import session
+from recfm.recipes.distributed import all_ranks_sum
 from recfm.recipes.evaluate import RunResults, evaluate_model, write_json
 from recfm.recipes.train import Trainer
 
@@ -29,14 +30,21 @@ def pretrain(config: str | Path | None = None, overrides=(), progress: bool = Tr
     meta = session.run_meta(s, model)
     trainer = Trainer(model, data, s.cfg.train, s.out, device=s.device, meta=meta, progress=progress)
     result = trainer.fit()
+    samples, tokens = all_ranks_sum([result.samples, result.tokens], s.device)  # every rank's batches
+    eval_model = model
+    if trainer.sharded is not None:  # tables live in shards: rank 0 evaluates a gathered copy (collective)
+        full = trainer.sharded.full_state(model.state_dict())
+        if s.is_main:
+            eval_model = session.build_model(s, scenarios)
+            eval_model.load_state_dict(full)
     results = {
         "recipe": "pretrain",
         "scenarios": list(scenarios),
         "steps": result.steps,
         "resumed_from": result.resumed_from,
         "train_seconds": result.seconds,
-        "samples_per_s": result.samples / max(result.seconds, 1e-9),
-        "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+        "samples_per_s": samples / max(result.seconds, 1e-9),
+        "tokens_per_s": tokens / max(result.seconds, 1e-9),
         "final_loss": result.losses[-1] if result.losses else None,
         "checkpoint": result.checkpoint,
         "train_windows": [w for w in split.windows if w < split.eval_windows[0]],
@@ -45,7 +53,7 @@ def pretrain(config: str | Path | None = None, overrides=(), progress: bool = Tr
         "world_size": s.world_size,
     }
     if s.is_main:
-        ev = evaluate_model(model, session.eval_dataset(s, split, scenarios), s.device, s.cfg.train.eval_batches, s.cfg.train.bf16)
+        ev = evaluate_model(eval_model, session.eval_dataset(s, split, scenarios), s.device, s.cfg.train.eval_batches, s.cfg.train.bf16)
         results["eval"] = ev.to_dict()
         results["leaks"] = ev.leaks()
         results["seconds"] = time.perf_counter() - t0

@@ -21,6 +21,7 @@ from recfm.foundation.model.config import load_model_config
 from recfm.foundation.model.model import RecModel, select_scenarios
 from recfm.recipes.config import RunConfig, load_run_config
 from recfm.recipes.data import Split, keep_fraction, prepare_samples, split_windows
+from recfm.recipes.distributed import check_sharding
 from recfm.recipes.train import resolve_device
 from recfm.scenarios.loader import load_world
 from recfm.scenarios.spec import WorldSpec, as_dict
@@ -57,6 +58,8 @@ def start(config: str | Path | None, overrides=()) -> Session:
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if cfg.train.shard_embeddings:
+        check_sharding(device, cfg.source_file)  # before any data work; a no-op without torchrun
     out = Path(cfg.out)
     return Session(cfg=cfg, world=world, out=out, device=device, rank=rank, world_size=world_size)
 

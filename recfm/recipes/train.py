@@ -93,7 +93,7 @@ def make_optimizers(model: RecModel, cfg: TrainConfig, dense_scale: Callable[[st
         lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
     )
     tables = [p for p in embedding_parameters(model) if p.requires_grad]
-    sparse = RowWiseAdagrad(tables, lr=cfg.sparse_lr) if tables else None
+    sparse = RowWiseAdagrad(tables, lr=cfg.sparse_lr, eps=cfg.sparse_eps) if tables else None
     if sparse is not None:
         for g in sparse.param_groups:
             g["base_lr"] = cfg.sparse_lr
@@ -178,7 +178,7 @@ class Trainer:
         self.progress = progress and self.rank == 0
         broadcast_module(model, device)  # every rank starts from rank 0's weights
         self.sharded: ShardedTables | None = (
-            shard_tables(model, cfg.sparse_lr, device) if cfg.shard_embeddings and is_distributed() else None
+            shard_tables(model, cfg.sparse_lr, cfg.sparse_eps, device) if cfg.shard_embeddings and is_distributed() else None
         )
         self.dense, self.sparse = make_optimizers(model, cfg, dense_scale)
         if self.sharded is not None:
@@ -261,6 +261,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> tuple[torch.Tensor, list[TaskLoss]]:
         """One optimisation step on ``batch`` (already on the device); returns the loss and task losses."""
         self.model.train()
+        self._set_lr()  # before forward: fbgemm's fused table update reads the lr captured at forward
         with self.autocast:
             logits = self.model(batch)
             losses = self.model.losses(batch, logits)
@@ -268,7 +269,6 @@ class Trainer:
         loss = step_loss(losses, counts)
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
-        self._set_lr()  # before backward: sharded tables are updated inside it
         loss.backward()
         if is_distributed():
             loss, losses = self._sum_over_ranks(loss.detach(), losses, counts)
