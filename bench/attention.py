@@ -294,9 +294,11 @@ def main(argv: list[str] | None = None) -> int:
                     del batch
                     if device == "cuda":
                         torch.cuda.empty_cache()
+    from recfm.kernels.hstu_attention.triton_launch import tuned_configs
+
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
             "torch": torch.__version__, "triton": __import__("triton").__version__, "dtype": args.dtype,
-            "flops": "fwd 4*d*pairs*h, fwd+bwd 3.5x", "rows": rows}
+            "flops": "fwd 4*d*pairs*h, fwd+bwd 3.5x", "rows": rows, "tuned_configs": tuned_configs()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(info, indent=1))
     print(f"\n{info['device']}, torch {info['torch']}, triton {info['triton']}, {args.dtype}; JSON: {args.out}\n")

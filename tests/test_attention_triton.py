@@ -126,6 +126,16 @@ def test_triton_matches_reference_fp32(case):
     assert_close_rel(got, want, TOL[torch.float32])
 
 
+def test_triton_large_timestamps_and_gaps():
+    # unix-time stamps, gaps from 0 s to ~30 years: the kernels' int32 ranks / relative seconds stay exact
+    q, k, v, offsets, types, stamps = make_batch([40, 9, 0, 23], 2, 1, layout=False, seed=30)
+    stamps = 1_700_000_000 + (stamps - 5000) * 190_001 + torch.arange(stamps.numel(), device=DEVICE) % 3
+    kw = dict(max_len=40, token_type=types, timestamps=stamps, mask_mode="mixed", time_bucket_base=1.7)
+    tabs = (None, table(2, 40, 31))
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw),
+                     forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_triton_half_precision(dtype):
     q, k, v, offsets, types, stamps = make_batch([33, 0, 1, 20], 4, 2, layout=True, seed=7, dtype=dtype)
@@ -154,10 +164,10 @@ def test_triton_empty_and_length_one_batches():
 
 
 @triton.jit
-def _buckets_kernel(DT, OUT, TBND, NUM_TB, inv_log_base, BLOCK: tl.constexpr):
+def _buckets_kernel(DT, OUT, TBND, NUM_TB, inv_log2_base, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     dt = tl.load(DT + offs)
-    tl.store(OUT + offs, time_bucket(dt, tl.zeros_like(dt), TBND, NUM_TB, inv_log_base))
+    tl.store(OUT + offs, time_bucket(dt, tl.zeros_like(dt), TBND, NUM_TB, inv_log2_base))
 
 
 def test_time_bucket_in_kernel_matches_integer_bucketing():
@@ -171,8 +181,13 @@ def test_time_bucket_in_kernel_matches_integer_bucketing():
         dt = torch.cat([dt, dt.new_zeros((-dt.numel()) % 128)]).to(DEVICE)
         out = torch.empty(dt.shape, dtype=torch.int32, device=DEVICE)
         tbnd = bounds.to(DEVICE) if bounds.numel() else torch.zeros(1, dtype=torch.int64, device=DEVICE)
-        _buckets_kernel[(dt.numel() // 128,)](dt, out, tbnd, num_tb, 1.0 / math.log(base), BLOCK=128)
+        _buckets_kernel[(dt.numel() // 128,)](dt, out, tbnd, num_tb, 1.0 / math.log2(base), BLOCK=128)
         assert out.long().tolist() == time_buckets(dt, num_tb, base).tolist(), base
+        # the kernels' int32 form: gaps below 2^31 - 1, boundaries clamped to 2^31 - 1
+        small = dt.abs().clamp(max=2**31 - 2).to(torch.int32)
+        tbnd32 = tbnd.clamp(max=2**31 - 1).to(torch.int32)
+        _buckets_kernel[(dt.numel() // 128,)](small, out, tbnd32, num_tb, 1.0 / math.log2(base), BLOCK=128)
+        assert out.long().tolist() == time_buckets(small.long(), num_tb, base).tolist(), base
 
 
 def test_dense_matches_reference():

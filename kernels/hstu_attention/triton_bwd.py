@@ -23,44 +23,42 @@ import triton.language as tl
 
 from recfm.kernels.hstu_attention.triton_common import (
     add_bias,
-    dot,
     allowed_tile,
+    dot,
     key_ranges,
     key_tile,
+    load_rows,
     pos_bucket,
     query_ranges,
     query_tile,
     scatter_add_grad,
     silu_parts,
+    store_rows,
     time_bucket,
 )
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, ev_k, Q, DO, INVN, QTOK, TYPE, TS, POS, PTAB, TTAB, TBND,
-               seq_start, q_start, q_len, L, start_m, g, alpha, norm_const, P_HALF, NUM_TB, inv_log_base,
+def _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, Q, DO, INVN, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
+               seq_start, q_len, L, start_m, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base,
                H: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
                MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
-               HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr,
-               BLOCK_DV: tl.constexpr):
-    rows, row_ok, pos_q, type_q, ts_q, ev_q = query_tile(
-        QTOK, TYPE, TS, POS, seq_start, q_start, q_len, start_m, HAS_QIDX, MASKED and MASK_MODE == 2,
-        (MASKED and MASK_MODE == 2) or HAS_TIME, HAS_POS, BLOCK_M)
-    dq = tl.arange(0, BLOCK_DQK)
-    dvv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + (q_start + rows)[:, None] * (H * D_QK) + g * D_QK + dq[None, :],
-                mask=row_ok[:, None] & (dq[None, :] < D_QK), other=0.0)
-    do = tl.load(DO + (q_start + rows)[:, None] * (H * D_V) + g * D_V + dvv[None, :],
-                 mask=row_ok[:, None] & (dvv[None, :] < D_V), other=0.0)
-    st = dot(k, tl.trans(q), DOT_PREC) * alpha  # [BLOCK_N, BLOCK_M]
-    st = add_bias(st, ev_q[None, :], ev_k[:, None], ts_q[None, :], ts_k[:, None], PTAB, TTAB, TBND, P_HALF,
-                  NUM_TB, inv_log_base, HAS_POS, HAS_TIME)
-    at, dat = silu_parts(st)
+               HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    rows, row_ok, pos_q, type_q, ts_q, tt_q, ev_q = query_tile(
+        QTOK, TYPE, TS, TT, POS, seq_start, q_len, start_m, HAS_QIDX, MASKED and MASK_MODE == 2,
+        MASKED and MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_M)
+    q = load_rows(Q, rows, row_ok, H * D_QK, D_QK, BLOCK_DQK)
+    do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
+    st = dot(k, tl.trans(q), None, DOT_PREC) * alpha  # [BLOCK_N, BLOCK_M]
+    st = add_bias(st, ev_q[None, :], ev_k[:, None], tt_q[None, :], tt_k[:, None], PTAB, TTAB, TBND, P_HALF,
+                  NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
+    at, dat = silu_parts(st, FAST)
     if NORM == 0:
         at = at * (1.0 / L.to(tl.float32))
         dat = dat * (1.0 / L.to(tl.float32))
     elif NORM == 1:
-        inv_n = tl.load(INVN + q_start + rows, mask=row_ok, other=0.0)
+        inv_n = tl.load(INVN + rows, mask=row_ok, other=0.0)
         at = at * inv_n[None, :]
         dat = dat * inv_n[None, :]
     else:
@@ -71,20 +69,19 @@ def _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, ev_k, Q, DO, INVN, QTOK, TYPE, 
                           pos_q[None, :], cols[:, None])
         at = tl.where(ok, at, 0.0)
         dat = tl.where(ok, dat, 0.0)
-    dv += dot(at.to(do.dtype), do, DOT_PREC)
-    dpt = dot(v, tl.trans(do), DOT_PREC)  # [BLOCK_N, BLOCK_M]
-    dst = dpt * dat
-    dk += dot(dst.to(q.dtype), q, DOT_PREC)
+    dv = dot(at.to(do.dtype), do, dv, DOT_PREC)
+    dpt = dot(v, tl.trans(do), None, DOT_PREC)  # [BLOCK_N, BLOCK_M]
+    dk = dot((dpt * dat).to(q.dtype), q, dk, DOT_PREC)
     return dk, dv
 
 
 @triton.jit
 def hstu_dkdv_kernel(
-    Q, K, V, DO, DK, DV, OFF, QOFF, QTOK, TYPE, TS, POS, PTAB, TTAB, TBND, STATS, INVN,
-    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log_base, LEN_KEY,
+    Q, K, V, DO, DK, DV, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN,
+    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, LEN_KEY,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
-    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DK ``[N, H/GROUP, D_QK]``, DV ``[N, H/GROUP, D_V]`` (input dtype); other tensors as the forward."""
@@ -101,81 +98,83 @@ def hstu_dkdv_kernel(
     else:
         q_start = seq_start
         q_len = L
-    dq = tl.arange(0, BLOCK_DQK)
-    dvv = tl.arange(0, BLOCK_DV)
+    K += seq_start * (H_KV * D_QK) + kv_h * D_QK
+    V += seq_start * (H_KV * D_V) + kv_h * D_V
+    DK += seq_start * (H_KV * D_QK) + kv_h * D_QK
+    DV += seq_start * (H_KV * D_V) + kv_h * D_V
+    Q += q_start * (H * D_QK)
+    DO += q_start * (H * D_V)
+    QTOK += q_start
+    INVN += q_start
+    TYPE += seq_start
+    TS += seq_start
+    TT += seq_start
+    POS += seq_start
     for n in range(pid, tl.cdiv(L, BLOCK_N), n_prog):
         k_start = n * BLOCK_N
-        cols, col_ok, type_k, ts_k, ev_k = key_tile(TYPE, TS, POS, seq_start, L, k_start, MASK_MODE == 2,
-                                                    MASK_MODE == 2 or HAS_TIME, HAS_POS, BLOCK_N)
-        tok = seq_start + cols
-        k = tl.load(K + tok[:, None] * (H_KV * D_QK) + kv_h * D_QK + dq[None, :],
-                    mask=col_ok[:, None] & (dq[None, :] < D_QK), other=0.0)
-        v = tl.load(V + tok[:, None] * (H_KV * D_V) + kv_h * D_V + dvv[None, :],
-                    mask=col_ok[:, None] & (dvv[None, :] < D_V), other=0.0)
+        cols, col_ok, type_k, ts_k, tt_k, ev_k = key_tile(TYPE, TS, TT, POS, L, k_start, MASK_MODE == 2,
+                                                    MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
+        k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
+        v = load_rows(V, cols, col_ok, H_KV * D_V, D_V, BLOCK_DV)
         free_lo, free_hi, masked_lo, masked_hi = query_ranges(MASK_MODE, HAS_QIDX, k_start, q_len, STATS, b,
                                                               BLOCK_M, BLOCK_N)
         dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         for r in range(GROUP):
             g = kv_h * GROUP + r
+            q_g = Q + g * D_QK
+            do_g = DO + g * D_V
             ptab = PTAB + g * ptab_stride
             ttab = TTAB + g * ttab_stride
             for start_m in range(free_lo, free_hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, ev_k, Q, DO, INVN, QTOK, TYPE, TS, POS, ptab,
-                                    ttab, TBND, seq_start, q_start, q_len, L, start_m, g, alpha, norm_const,
-                                    P_HALF, NUM_TB, inv_log_base, H, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX,
-                                    HAS_POS, HAS_TIME, DOT_PREC, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+                dk, dv = _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, q_g, do_g, INVN, QTOK, TYPE, TS, TT, POS,
+                                    ptab, ttab, TBND, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
+                                    NUM_TB, inv_log2_base, H, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV)
             for start_m in range(masked_lo, masked_hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, ev_k, Q, DO, INVN, QTOK, TYPE, TS, POS, ptab,
-                                    ttab, TBND, seq_start, q_start, q_len, L, start_m, g, alpha, norm_const,
-                                    P_HALF, NUM_TB, inv_log_base, H, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX,
-                                    HAS_POS, HAS_TIME, DOT_PREC, BLOCK_M, BLOCK_DQK, BLOCK_DV)
-        tl.store(DK + tok[:, None] * (H_KV * D_QK) + kv_h * D_QK + dq[None, :], (dk * alpha).to(DK.dtype.element_ty),
-                 mask=col_ok[:, None] & (dq[None, :] < D_QK))
-        tl.store(DV + tok[:, None] * (H_KV * D_V) + kv_h * D_V + dvv[None, :], dv.to(DV.dtype.element_ty),
-                 mask=col_ok[:, None] & (dvv[None, :] < D_V))
+                dk, dv = _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, q_g, do_g, INVN, QTOK, TYPE, TS, TT, POS,
+                                    ptab, ttab, TBND, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
+                                    NUM_TB, inv_log2_base, H, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+        store_rows(DK, cols, col_ok, dk * alpha, H_KV * D_QK, D_QK, BLOCK_DQK)
+        store_rows(DV, cols, col_ok, dv, H_KV * D_V, D_V, BLOCK_DV)
 
 
 @triton.jit
-def _dq_tile(dqa, q, do, inv_n, pos_q, type_q, ts_q, ev_q, K, V, TYPE, TS, POS, PTAB, TTAB, TBND, DPTAB, DTTAB,
-             seq_start, L, start_n, kv_h, alpha, P_HALF, NUM_TB, inv_log_base,
-             H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
-             MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    cols, col_ok, type_k, ts_k, ev_k = key_tile(TYPE, TS, POS, seq_start, L, start_n, MASKED and MASK_MODE == 2,
-                                                (MASKED and MASK_MODE == 2) or HAS_TIME, HAS_POS, BLOCK_N)
-    dq = tl.arange(0, BLOCK_DQK)
-    dvv = tl.arange(0, BLOCK_DV)
-    tok = seq_start + cols
-    k = tl.load(K + tok[:, None] * (H_KV * D_QK) + kv_h * D_QK + dq[None, :],
-                mask=col_ok[:, None] & (dq[None, :] < D_QK), other=0.0)
-    v = tl.load(V + tok[:, None] * (H_KV * D_V) + kv_h * D_V + dvv[None, :],
-                mask=col_ok[:, None] & (dvv[None, :] < D_V), other=0.0)
-    s = dot(q, tl.trans(k), DOT_PREC) * alpha
-    s = add_bias(s, ev_q[:, None], ev_k[None, :], ts_q[:, None], ts_k[None, :], PTAB, TTAB, TBND, P_HALF, NUM_TB,
-                 inv_log_base, HAS_POS, HAS_TIME)
-    a, da = silu_parts(s)
-    dp = dot(do, tl.trans(v), DOT_PREC)
+def _dq_tile(dqa, q, do, inv_n, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, DPTAB, DTTAB,
+             L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr,
+             D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
+             HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    cols, col_ok, type_k, ts_k, tt_k, ev_k = key_tile(TYPE, TS, TT, POS, L, start_n, MASKED and MASK_MODE == 2,
+                                                MASKED and MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
+    k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
+    v = load_rows(V, cols, col_ok, H_KV * D_V, D_V, BLOCK_DV)
+    s = dot(q, tl.trans(k), None, DOT_PREC) * alpha
+    s = add_bias(s, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], PTAB, TTAB, TBND, P_HALF, NUM_TB,
+                 inv_log2_base, HAS_POS, HAS_TIME)
+    _, da = silu_parts(s, FAST)
+    dp = dot(do, tl.trans(v), None, DOT_PREC)
     ds = dp * da * inv_n
     if MASKED:
         ok = allowed_tile(MASK_MODE, type_q[:, None], type_k[None, :], ts_q[:, None], ts_k[None, :],
                           pos_q[:, None], cols[None, :])
         ds = tl.where(ok, ds, 0.0)
-    dqa += dot(ds.to(k.dtype), k, DOT_PREC)
+    dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
     if HAS_POS:
         scatter_add_grad(DPTAB, pos_bucket(ev_q[:, None], ev_k[None, :], P_HALF), ds)
     if HAS_TIME:
-        scatter_add_grad(DTTAB, time_bucket(ts_q[:, None], ts_k[None, :], TBND, NUM_TB, inv_log_base), ds)
+        scatter_add_grad(DTTAB, time_bucket(tt_q[:, None], tt_k[None, :], TBND, NUM_TB, inv_log2_base), ds)
     return dqa
 
 
 @triton.jit
 def hstu_dq_kernel(
-    Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, POS, PTAB, TTAB, TBND, STATS, INVN,
-    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log_base, LEN_KEY,
+    Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN,
+    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, LEN_KEY,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
-    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DQ ``[N_q, H, D_QK]`` (input dtype); DPTAB/DTTAB fp32 gradients laid out like the tables."""
@@ -193,42 +192,47 @@ def hstu_dq_kernel(
         q_start = seq_start
         q_len = L
     kv_h = g // GROUP
+    Q += q_start * (H * D_QK) + g * D_QK
+    DQ += q_start * (H * D_QK) + g * D_QK
+    DO += q_start * (H * D_V) + g * D_V
+    K += seq_start * (H_KV * D_QK) + kv_h * D_QK
+    V += seq_start * (H_KV * D_V) + kv_h * D_V
+    QTOK += q_start
+    INVN += q_start
+    TYPE += seq_start
+    TS += seq_start
+    TT += seq_start
+    POS += seq_start
     PTAB += g * ptab_stride
     TTAB += g * ttab_stride
     DPTAB += g * ptab_stride
     DTTAB += g * ttab_stride
-    dq = tl.arange(0, BLOCK_DQK)
-    dvv = tl.arange(0, BLOCK_DV)
     for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
-        rows, row_ok, pos_q, type_q, ts_q, ev_q = query_tile(
-            QTOK, TYPE, TS, POS, seq_start, q_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2,
-            MASK_MODE == 2 or HAS_TIME, HAS_POS, BLOCK_M)
-        q = tl.load(Q + (q_start + rows)[:, None] * (H * D_QK) + g * D_QK + dq[None, :],
-                    mask=row_ok[:, None] & (dq[None, :] < D_QK), other=0.0)
-        do = tl.load(DO + (q_start + rows)[:, None] * (H * D_V) + g * D_V + dvv[None, :],
-                     mask=row_ok[:, None] & (dvv[None, :] < D_V), other=0.0)
+        rows, row_ok, pos_q, type_q, ts_q, tt_q, ev_q = query_tile(
+            QTOK, TYPE, TS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
+            HAS_POS, BLOCK_M)
+        q = load_rows(Q, rows, row_ok, H * D_QK, D_QK, BLOCK_DQK)
+        do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
         if NORM == 0:
             inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + 1.0 / L.to(tl.float32)
         elif NORM == 1:
-            inv_n = tl.load(INVN + q_start + rows, mask=row_ok, other=0.0)[:, None]
+            inv_n = tl.load(INVN + rows, mask=row_ok, other=0.0)[:, None]
         else:
             inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + norm_const
         free_end, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b,
                                                               BLOCK_N)
         dqa = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
         for start_n in range(0, free_end, BLOCK_N):
-            dqa = _dq_tile(dqa, q, do, inv_n, pos_q, type_q, ts_q, ev_q, K, V, TYPE, TS, POS, PTAB, TTAB, TBND,
-                           DPTAB, DTTAB, seq_start, L, start_n, kv_h, alpha, P_HALF, NUM_TB, inv_log_base, H_KV,
-                           D_QK, D_V, False, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+            dqa = _dq_tile(dqa, q, do, inv_n, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
+                           DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False,
+                           MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         for start_n in range(free_end, masked_end, BLOCK_N):
-            dqa = _dq_tile(dqa, q, do, inv_n, pos_q, type_q, ts_q, ev_q, K, V, TYPE, TS, POS, PTAB, TTAB, TBND,
-                           DPTAB, DTTAB, seq_start, L, start_n, kv_h, alpha, P_HALF, NUM_TB, inv_log_base, H_KV,
-                           D_QK, D_V, True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+            dqa = _dq_tile(dqa, q, do, inv_n, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
+                           DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
+                           MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
-                dqa = _dq_tile(dqa, q, do, inv_n, pos_q, type_q, ts_q, ev_q, K, V, TYPE, TS, POS, PTAB, TTAB,
-                               TBND, DPTAB, DTTAB, seq_start, L, start_n, kv_h, alpha, P_HALF, NUM_TB, inv_log_base,
-                               H_KV, D_QK, D_V, True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, BLOCK_N, BLOCK_DQK,
-                               BLOCK_DV)
-        tl.store(DQ + (q_start + rows)[:, None] * (H * D_QK) + g * D_QK + dq[None, :],
-                 (dqa * alpha).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (dq[None, :] < D_QK))
+                dqa = _dq_tile(dqa, q, do, inv_n, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
+                               DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
+                               True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+        store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)

@@ -7,6 +7,8 @@ transpose in the key-major dK/dV kernel). Constants shared with the launchers:
 * ``MASK_MODE``: 0 full, 1 causal, 2 mixed (:class:`recfm.foundation.model.mask.MaskMode`).
 * ``NORM``: 0 the sample length, 1 the number of allowed keys (saved by the forward), 2 a constant
   (``max_len`` or 1).
+* Timestamps reach the kernels as two int32 arrays: ``TS`` dense time ranks (the mask's comparisons,
+  exact) and ``TT`` seconds since the sample's first timestamp (the time bias).
 * ``STATS``: ``[B, 3]`` int32 per sample, mixed mode only: ``h_prefix`` (tokens before the first non-H
   token), ``h_end`` (1 + position of the last H token, 0 if none), ``e_end`` (1 + position of the last
   H or R token). Every key a token may see lies below ``h_end`` (H queries) or ``e_end`` (R/T queries),
@@ -28,18 +30,19 @@ NORM_KEYS = 1
 NORM_CONST = 2
 NO_TYPE: tl.constexpr = tl.constexpr(3)  # loaded for key columns past the sample end
 TIME_CAP: tl.constexpr = tl.constexpr(2**62)  # bias.time_bucket_boundaries caps boundaries here
+FEW_BUCKETS: tl.constexpr = tl.constexpr(4)  # bias-grad tiles over fewer buckets reduce per bucket
 FAR: tl.constexpr = tl.constexpr(1 << 30)  # "no such position" in min/max reductions
 
 
 @triton.jit
-def dot(a, b, DOT_PREC: tl.constexpr):
-    """``a @ b`` with an fp32 accumulator. ``DOT_PREC``: ``"ieee"`` (fp32 inputs, no tf32), ``"tf32"`` (the
-    default for 16-bit inputs), or ``"upcast"``: both operands to fp32 first -- only under the interpreter,
-    whose bf16 dot is wrong in Triton 3.6."""
+def dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """``acc + a @ b`` (fp32 ``acc``; ``None`` = zeros). ``DOT_PREC``: ``"ieee"`` (fp32 inputs, no tf32),
+    ``"tf32"`` (the default for 16-bit inputs), or ``"upcast"``: both operands to fp32 first -- only under
+    the interpreter, whose bf16 dot is wrong in Triton 3.6."""
     if DOT_PREC == "upcast":
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
     else:
-        out = tl.dot(a, b, input_precision=DOT_PREC)
+        out = tl.dot(a, b, acc=acc, input_precision=DOT_PREC)
     return out
 
 
@@ -64,16 +67,17 @@ def pos_bucket(ev_q, ev_k, P_HALF):
 
 
 @triton.jit
-def time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log_base):
+def time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base):
     """Column of the time table: the number of boundaries ``<= |t_i - t_j|`` (exact).
 
-    A float estimate ``floor(log(1 + dt) / log(base))`` is off by at most one bucket near a boundary
+    A float estimate ``floor(log2(1 + dt) / log2(base))`` is off by at most one bucket near a boundary
     (float32 error << one bucket for ``base >= ~1.001``); one comparison against the integer boundary on
-    each side makes it exact. ``TBND`` holds the ``NUM_TB - 1`` int64 boundaries; gaps of at least the
-    boundaries' cap (2^62 s) take the last bucket.
+    each side makes it exact. ``TBND`` holds the ``NUM_TB - 1`` boundaries (the kernels pass int32 times
+    and boundaries, see triton_impl.relative_seconds; int64 works too, with gaps of at least the boundaries'
+    cap of 2^62 s in the last bucket).
     """
     dt = tl.abs(ts_q - ts_k)
-    est = tl.floor(tl.log(dt.to(tl.float32) + 1.0) * inv_log_base).to(tl.int32)
+    est = tl.floor(tl.log2(dt.to(tl.float32) + 1.0) * inv_log2_base).to(tl.int32)
     est = tl.minimum(tl.maximum(est, 0), NUM_TB - 1)
     can_up = est < NUM_TB - 1
     up = tl.load(TBND + est, mask=can_up, other=0)
@@ -81,35 +85,51 @@ def time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log_base):
     can_down = est > 0
     down = tl.load(TBND + est - 1, mask=can_down, other=0)
     est = tl.where(can_down & (dt < down), est - 1, est)
-    return tl.where(dt >= TIME_CAP, NUM_TB - 1, est)  # boundaries past the cap are the cap itself
+    if dt.dtype == tl.int64:
+        est = tl.where(dt >= TIME_CAP, NUM_TB - 1, est)  # boundaries past the cap are the cap itself
+    return est
 
 
 @triton.jit
-def add_bias(s, ev_q, ev_k, ts_q, ts_k, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log_base,
+def add_bias(s, ev_q, ev_k, ts_q, ts_k, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
              HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
     """``s + pos_table[bucket] + time_table[bucket]`` (table pointers already at the head's row)."""
     if HAS_POS:
         s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
     if HAS_TIME:
-        s += tl.load(TTAB + time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log_base)).to(tl.float32)
+        s += tl.load(TTAB + time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base)).to(tl.float32)
     return s
 
 
 @triton.jit
 def scatter_add_grad(DTAB, bucket, ds):
-    """``DTAB[bucket] += ds`` for a tile; one atomic when the whole tile falls in one bucket."""
+    """``DTAB[bucket] += ds`` for a tile. Tiles spanning at most ``FEW_BUCKETS`` buckets (far from the
+    diagonal, time-ordered histories) add one reduced scalar per bucket; others one atomic per element."""
     lo = tl.min(tl.min(bucket, axis=1), axis=0)
     hi = tl.max(tl.max(bucket, axis=1), axis=0)
-    if lo == hi:
-        tl.atomic_add(DTAB + lo, tl.sum(tl.sum(ds, axis=1), axis=0), sem="relaxed")
+    if hi - lo < FEW_BUCKETS:
+        for c in range(lo, hi + 1):
+            part = tl.sum(tl.sum(tl.where(bucket == c, ds, 0.0), axis=1), axis=0)
+            tl.atomic_add(DTAB + c, part, sem="relaxed")
     else:
         tl.atomic_add(DTAB + bucket, ds, sem="relaxed")
 
 
 @triton.jit
-def silu_parts(s):
-    """``(silu(s), silu'(s))`` in float32."""
-    sig = tl.sigmoid(s)
+def _tanh_approx(x):
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def silu_parts(s, FAST: tl.constexpr):
+    """``(silu(s), silu'(s))`` in float32. ``FAST`` (16-bit inputs on a GPU): the sigmoid as
+    ``0.5 + 0.5 tanh(s / 2)`` with the hardware tanh (one MUFU op instead of exp + reciprocal; relative
+    error ~5e-4, below bf16/fp16 rounding)."""
+    if FAST:
+        sig = 0.5 + 0.5 * _tanh_approx(0.5 * s)
+    else:
+        sig = tl.sigmoid(s)
     return s * sig, sig * (1.0 + s * (1.0 - sig))
 
 
@@ -188,44 +208,74 @@ def query_ranges(MASK_MODE: tl.constexpr, HAS_QIDX: tl.constexpr, k_start, q_len
 
 
 @triton.jit
-def query_tile(QTOK, TYPE, TS, POS, seq_start, q_start, q_len, start_m, HAS_QIDX: tl.constexpr,
-               NEED_TYPE: tl.constexpr, NEED_TS: tl.constexpr, NEED_EV: tl.constexpr, BLOCK_M: tl.constexpr):
+def query_tile(QTOK, TYPE, TS, TT, POS, seq_start, q_len, start_m, HAS_QIDX: tl.constexpr, NEED_TYPE: tl.constexpr,
+               NEED_TS: tl.constexpr, NEED_TT: tl.constexpr, NEED_EV: tl.constexpr, BLOCK_M: tl.constexpr):
     """Rows ``start_m + [0, BLOCK_M)`` of a sample's (sorted) queries: ``(rows, row_ok, pos_q, type_q, ts_q,
-    ev_q)`` -- positions inside the sample (int32), token types, timestamps (int64) and event positions;
-    fields not needed are ``pos_q`` placeholders."""
+    tt_q, ev_q)`` -- positions inside the sample, token types, time ranks (mask), relative seconds (time
+    bias) and event positions, all int32; fields not needed are ``pos_q`` placeholders. ``QTOK`` points at
+    the sample's first query row, ``TYPE``/``TS``/``TT``/``POS`` at its first token."""
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
     if HAS_QIDX:
-        pos_q = (tl.load(QTOK + q_start + rows, mask=row_ok, other=0) - seq_start).to(tl.int32)
+        pos_q = (tl.load(QTOK + rows, mask=row_ok, other=0) - seq_start).to(tl.int32)
     else:
         pos_q = rows
-    tok = seq_start + pos_q
     type_q = pos_q
     ts_q = pos_q
+    tt_q = pos_q
     ev_q = pos_q
     if NEED_TYPE:
-        type_q = tl.load(TYPE + tok, mask=row_ok, other=0).to(tl.int32)
+        type_q = tl.load(TYPE + pos_q, mask=row_ok, other=0).to(tl.int32)
     if NEED_TS:
-        ts_q = tl.load(TS + tok, mask=row_ok, other=0)
+        ts_q = tl.load(TS + pos_q, mask=row_ok, other=0)
+    if NEED_TT:
+        tt_q = tl.load(TT + pos_q, mask=row_ok, other=0)
     if NEED_EV:
-        ev_q = tl.load(POS + tok, mask=row_ok, other=0)
-    return rows, row_ok, pos_q, type_q, ts_q, ev_q
+        ev_q = tl.load(POS + pos_q, mask=row_ok, other=0)
+    return rows, row_ok, pos_q, type_q, ts_q, tt_q, ev_q
 
 
 @triton.jit
-def key_tile(TYPE, TS, POS, seq_start, L, start_n, NEED_TYPE: tl.constexpr, NEED_TS: tl.constexpr,
+def key_tile(TYPE, TS, TT, POS, L, start_n, NEED_TYPE: tl.constexpr, NEED_TS: tl.constexpr, NEED_TT: tl.constexpr,
              NEED_EV: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Columns ``start_n + [0, BLOCK_N)`` of a sample's keys: ``(cols, col_ok, type_k, ts_k, ev_k)``
-    (type ``NO_TYPE`` past the sample end; unneeded fields are ``cols`` placeholders)."""
+    """Columns ``start_n + [0, BLOCK_N)`` of a sample's keys: ``(cols, col_ok, type_k, ts_k, tt_k, ev_k)``
+    (type ``NO_TYPE`` past the sample end; unneeded fields are ``cols`` placeholders). Pointers at the
+    sample's first token."""
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < L
     type_k = cols
     ts_k = cols
+    tt_k = cols
     ev_k = cols
     if NEED_TYPE:
-        type_k = tl.load(TYPE + seq_start + cols, mask=col_ok, other=NO_TYPE).to(tl.int32)
+        type_k = tl.load(TYPE + cols, mask=col_ok, other=NO_TYPE).to(tl.int32)
     if NEED_TS:
-        ts_k = tl.load(TS + seq_start + cols, mask=col_ok, other=0)
+        ts_k = tl.load(TS + cols, mask=col_ok, other=0)
+    if NEED_TT:
+        tt_k = tl.load(TT + cols, mask=col_ok, other=0)
     if NEED_EV:
-        ev_k = tl.load(POS + seq_start + cols, mask=col_ok, other=0)
-    return cols, col_ok, type_k, ts_k, ev_k
+        ev_k = tl.load(POS + cols, mask=col_ok, other=0)
+    return cols, col_ok, type_k, ts_k, tt_k, ev_k
+
+
+@triton.jit
+def load_rows(BASE, rows, row_ok, ROW_STRIDE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[len(rows), BLOCK_D]`` tile of rows ``BASE + rows * ROW_STRIDE`` (zeros past ``D`` and ``row_ok``)."""
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = BASE + rows[:, None] * ROW_STRIDE + cols[None, :]
+    if D == BLOCK_D:
+        tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
+    return tile
+
+
+@triton.jit
+def store_rows(BASE, rows, row_ok, tile, ROW_STRIDE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a ``[len(rows), BLOCK_D]`` fp32 tile into rows of ``BASE`` (its dtype), columns ``< D``."""
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = BASE + rows[:, None] * ROW_STRIDE + cols[None, :]
+    if D == BLOCK_D:
+        tl.store(ptrs, tile.to(BASE.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, tile.to(BASE.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))

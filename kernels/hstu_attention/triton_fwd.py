@@ -22,50 +22,48 @@ import triton.language as tl
 
 from recfm.kernels.hstu_attention.triton_common import (
     add_bias,
-    dot,
     allowed_tile,
+    dot,
     key_ranges,
     key_tile,
+    load_rows,
     query_tile,
+    silu_parts,
+    store_rows,
 )
 
 
 @triton.jit
-def _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, ev_q, K, V, TYPE, TS, POS, PTAB, TTAB, TBND, seq_start, L,
-              start_n, kv_h, alpha, P_HALF, NUM_TB, inv_log_base,
-              H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
-              MASK_MODE: tl.constexpr, COUNT: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-              DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    cols, col_ok, type_k, ts_k, ev_k = key_tile(TYPE, TS, POS, seq_start, L, start_n, MASKED and MASK_MODE == 2,
-                                                (MASKED and MASK_MODE == 2) or HAS_TIME, HAS_POS, BLOCK_N)
-    dq = tl.arange(0, BLOCK_DQK)
-    dv = tl.arange(0, BLOCK_DV)
-    tok = seq_start + cols
-    k = tl.load(K + tok[:, None] * (H_KV * D_QK) + kv_h * D_QK + dq[None, :],
-                mask=col_ok[:, None] & (dq[None, :] < D_QK), other=0.0)
-    s = dot(q, tl.trans(k), DOT_PREC) * alpha
-    s = add_bias(s, ev_q[:, None], ev_k[None, :], ts_q[:, None], ts_k[None, :], PTAB, TTAB, TBND, P_HALF, NUM_TB,
-                 inv_log_base, HAS_POS, HAS_TIME)
-    a = s * tl.sigmoid(s)
+def _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, L, start_n, alpha,
+              P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+              MASKED: tl.constexpr, MASK_MODE: tl.constexpr, COUNT: tl.constexpr, HAS_POS: tl.constexpr,
+              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    cols, col_ok, type_k, ts_k, tt_k, ev_k = key_tile(TYPE, TS, TT, POS, L, start_n, MASKED and MASK_MODE == 2,
+                                                MASKED and MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
+    k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
+    s = dot(q, tl.trans(k), None, DOT_PREC) * alpha
+    s = add_bias(s, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], PTAB, TTAB, TBND, P_HALF, NUM_TB,
+                 inv_log2_base, HAS_POS, HAS_TIME)
+    a, _ = silu_parts(s, FAST)
     if MASKED:
         ok = allowed_tile(MASK_MODE, type_q[:, None], type_k[None, :], ts_q[:, None], ts_k[None, :],
                           pos_q[:, None], cols[None, :])
         a = tl.where(ok, a, 0.0)
         if COUNT:
             cnt += tl.sum(ok.to(tl.int32), axis=1)
-    v = tl.load(V + tok[:, None] * (H_KV * D_V) + kv_h * D_V + dv[None, :],
-                mask=col_ok[:, None] & (dv[None, :] < D_V), other=0.0)
-    acc += dot(a.to(v.dtype), v, DOT_PREC)
+    v = load_rows(V, cols, col_ok, H_KV * D_V, D_V, BLOCK_DV)
+    acc = dot(a.to(v.dtype), v, acc, DOT_PREC)
     return acc, cnt
 
 
 @triton.jit
 def hstu_fwd_kernel(
-    Q, K, V, O, OFF, QOFF, QTOK, TYPE, TS, POS, PTAB, TTAB, TBND, STATS, INVN,
-    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log_base, LEN_KEY,
+    Q, K, V, O, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN,
+    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, LEN_KEY,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
-    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Q ``[N_q, H, D_QK]`` (rows grouped by sample, QOFF ``[B+1]``), K ``[N, H/GROUP, D_QK]``,
@@ -85,36 +83,42 @@ def hstu_fwd_kernel(
         q_start = seq_start
         q_len = L
     kv_h = g // GROUP
+    # base pointers of this sample / head: tile offsets below are int32
+    Q += q_start * (H * D_QK) + g * D_QK
+    O += q_start * (H * D_V) + g * D_V
+    K += seq_start * (H_KV * D_QK) + kv_h * D_QK
+    V += seq_start * (H_KV * D_V) + kv_h * D_V
+    QTOK += q_start
+    INVN += q_start
+    TYPE += seq_start
+    TS += seq_start
+    TT += seq_start
+    POS += seq_start
     PTAB += g * ptab_stride
     TTAB += g * ttab_stride
-    dq = tl.arange(0, BLOCK_DQK)
-    dv = tl.arange(0, BLOCK_DV)
     for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
-        rows, row_ok, pos_q, type_q, ts_q, ev_q = query_tile(
-            QTOK, TYPE, TS, POS, seq_start, q_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2,
-            MASK_MODE == 2 or HAS_TIME, HAS_POS, BLOCK_M)
-        q = tl.load(Q + (q_start + rows)[:, None] * (H * D_QK) + g * D_QK + dq[None, :],
-                    mask=row_ok[:, None] & (dq[None, :] < D_QK), other=0.0)
+        rows, row_ok, pos_q, type_q, ts_q, tt_q, ev_q = query_tile(
+            QTOK, TYPE, TS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
+            HAS_POS, BLOCK_M)
+        q = load_rows(Q, rows, row_ok, H * D_QK, D_QK, BLOCK_DQK)
         free_end, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b,
                                                               BLOCK_N)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
         for start_n in range(0, free_end, BLOCK_N):
-            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, ev_q, K, V, TYPE, TS, POS, PTAB, TTAB, TBND,
-                                 seq_start, L, start_n, kv_h, alpha, P_HALF, NUM_TB, inv_log_base, H_KV, D_QK,
-                                 D_V, False, MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, BLOCK_N, BLOCK_DQK,
-                                 BLOCK_DV)
+            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, L,
+                                 start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False, MASK_MODE,
+                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         for start_n in range(free_end, masked_end, BLOCK_N):
-            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, ev_q, K, V, TYPE, TS, POS, PTAB, TTAB, TBND,
-                                 seq_start, L, start_n, kv_h, alpha, P_HALF, NUM_TB, inv_log_base, H_KV, D_QK,
-                                 D_V, True, MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, BLOCK_N, BLOCK_DQK,
-                                 BLOCK_DV)
+            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, L,
+                                 start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE,
+                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
-                acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, ev_q, K, V, TYPE, TS, POS, PTAB, TTAB,
-                                     TBND, seq_start, L, start_n, kv_h, alpha, P_HALF, NUM_TB, inv_log_base, H_KV,
-                                     D_QK, D_V, True, MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, BLOCK_N,
-                                     BLOCK_DQK, BLOCK_DV)
+                acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
+                                     L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
+                                     MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
+                                     BLOCK_DV)
         if NORM == 0:
             acc = acc * (1.0 / L.to(tl.float32))
         elif NORM == 1:
@@ -126,8 +130,7 @@ def hstu_fwd_kernel(
                 n_keys = cnt + free_end
             inv_n = 1.0 / tl.maximum(n_keys, 1).to(tl.float32)
             acc = acc * inv_n[:, None]
-            tl.store(INVN + q_start + rows, inv_n, mask=row_ok & (g == 0))
+            tl.store(INVN + rows, inv_n, mask=row_ok & (g == 0))
         else:
             acc = acc * norm_const
-        tl.store(O + (q_start + rows)[:, None] * (H * D_V) + g * D_V + dv[None, :], acc.to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & (dv[None, :] < D_V))
+        store_rows(O, rows, row_ok, acc, H * D_V, D_V, BLOCK_DV)

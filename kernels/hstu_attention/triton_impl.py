@@ -10,9 +10,10 @@ Work done outside the kernels, all on the device and without a host sync (grids 
 
 * target-only queries: rows sorted by token (``torch.sort``, so grouped by sample and ordered by
   position), per-sample query offsets by ``torch.searchsorted``; outputs / dQ unsorted at the end;
-* mixed mask: per-sample ``[B, 3]`` int32 stats (first non-H position, end of H, end of H/R events);
-* position bias: event positions (``bias.event_positions``, int32); time bias: the int64 bucket
-  boundaries (``bias.time_bucket_boundaries``).
+* mixed mask: per-sample ``[B, 3]`` int32 stats (first non-H position, end of H, end of H/R events) and
+  int32 time ranks (:func:`time_ranks`); time bias: int32 seconds since the sample's first timestamp
+  (:func:`relative_seconds`: buckets exact while a sample spans < 68 years) and int32 boundaries;
+* position bias: event positions (``bias.event_positions``, int32).
 
 Saved for the backward: the inputs, and ``1/n`` per query row for the ``keys`` normaliser. Gradients of
 ``q``, ``k``, ``v`` in their dtype; the bias tables' in fp32 buffers cast to the tables' dtype.
@@ -59,6 +60,26 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "upcast" if dtype == torch.bfloat16 and interpreting() else "tf32"
 
 
+INT32_SPAN = 2**31 - 2  # relative seconds are clamped here; boundaries at 2**31 - 1
+
+
+def time_ranks(timestamps: torch.Tensor) -> torch.Tensor:
+    """``[N]`` int32 dense rank of each timestamp in the batch (equal stamps, equal ranks): the mask's
+    ``<`` and ``==`` on ranks are exactly those on the int64 stamps. No host sync."""
+    stamps, order = torch.sort(timestamps)
+    changes = torch.cat([stamps.new_zeros(1), (stamps[1:] != stamps[:-1]).to(torch.int64)]).cumsum(0)
+    return torch.empty_like(changes).scatter_(0, order, changes).to(torch.int32)
+
+
+def relative_seconds(offsets: torch.Tensor, timestamps: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``[N]`` int32 seconds since the sample's earliest timestamp, clamped to ``INT32_SPAN``: gaps (and so
+    time buckets) are exact while a sample spans less than 2^31 - 2 s (68 years). No host sync."""
+    samples = sample_ids(offsets, num_tokens)
+    first = torch.full((offsets.numel() - 1,), torch.iinfo(torch.int64).max, dtype=torch.int64,
+                       device=offsets.device).scatter_reduce_(0, samples, timestamps, "amin")
+    return (timestamps - first[samples]).clamp(0, INT32_SPAN).to(torch.int32)
+
+
 class _Plan:
     """Device-side metadata of one call (built once, reused by the backward)."""
 
@@ -79,24 +100,26 @@ class _Plan:
         else:
             self.qtok, self.order, self.qoff = dummy_i64, None, self.offsets
         self.token_type = token_type.contiguous() if token_type is not None and mode is MaskMode.MIXED else dummy_i64
-        self.timestamps = timestamps.contiguous() if timestamps is not None else dummy_i64
+        dummy_i32 = torch.zeros(1, dtype=torch.int32, device=device)
+        self.ranks = time_ranks(timestamps) if mode is MaskMode.MIXED else dummy_i32
+        self.seconds = relative_seconds(self.offsets, timestamps, num_tokens) if time_bias is not None else dummy_i32
         self.stats = (mixed_stats(self.offsets, token_type, num_tokens) if mode is MaskMode.MIXED
                       else torch.zeros(1, dtype=torch.int32, device=device))
         self.positions = (event_positions(self.offsets, token_type, timestamps, num_tokens).to(torch.int32)
                           if pos_bias is not None else torch.zeros(1, dtype=torch.int32, device=device))
         num_tb = time_bias.shape[1] if time_bias is not None else 1
         bounds = time_bucket_boundaries(num_tb, base, device) if time_bias is not None else dummy_i64
-        self.bounds = bounds if bounds.numel() else dummy_i64
+        self.bounds = (bounds.clamp(max=INT32_SPAN + 1) if bounds.numel() else dummy_i64).to(torch.int32)
         self.pos_shape = None if pos_bias is None else tuple(pos_bias.shape)
         self.time_shape = None if time_bias is None else tuple(time_bias.shape)
         self.dummy_f = dummy_f
         norm_const = 1.0 / max(max_len, 1) if norm is Normaliser.MAX_LEN else 1.0
         self.scalars = (alpha, norm_const, (pos_bias.shape[1] - 1) // 2 if pos_bias is not None else 0, num_tb,
-                        1.0 / math.log(base), 1 << max(max_len - 1, 0).bit_length())
+                        1.0 / math.log2(base), 1 << max(max_len - 1, 0).bit_length())
         self.meta = dict(
             H=self.num_heads, GROUP=self.group, D_QK=self.d_qk, D_V=self.d_v, MASK_MODE=_MODES[mode],
             NORM=_NORMS[norm], HAS_QIDX=query_index is not None, HAS_POS=pos_bias is not None,
-            HAS_TIME=time_bias is not None, DOT_PREC=_dot_precision(q.dtype),
+            HAS_TIME=time_bias is not None, DOT_PREC=_dot_precision(q.dtype), FAST=q.dtype != torch.float32 and not interpreting(),
             BLOCK_DQK=max(16, triton.next_power_of_2(self.d_qk)), BLOCK_DV=max(16, triton.next_power_of_2(self.d_v)),
         )
         self.keys_norm = norm is Normaliser.KEYS
@@ -111,7 +134,7 @@ class _Plan:
         """Arguments shared by the three kernels after the tensors they differ in."""
         ptab = pos_bias.contiguous() if pos_bias is not None else self.dummy_f
         ttab = time_bias.contiguous() if time_bias is not None else self.dummy_f
-        return (self.offsets, self.qoff, self.qtok, self.token_type, self.timestamps, self.positions, ptab, ttab,
+        return (self.offsets, self.qoff, self.qtok, self.token_type, self.ranks, self.seconds, self.positions, ptab, ttab,
                 self.bounds, self.stats, invn, *self.table_strides(pos_bias, time_bias), *self.scalars)
 
 

@@ -1,8 +1,9 @@
 """Launchers of the HSTU attention kernels: block sizes (fixed under the interpreter, autotuned on a GPU).
 
-Batches with ``max_len < TUNE_FROM_LEN`` use one fixed config per kernel. Autotuning keys on the head dims, mask mode, flags, dtypes and ``LEN_KEY`` (``max_len`` rounded up to a
-power of two), so one GPU run picks a config per shape class. The dQ kernel's bias-gradient buffers are
-reset between trials (``reset_to_zero``) because it accumulates into them with atomics.
+Batches with ``max_len < TUNE_FROM_LEN`` use one fixed config per kernel. Otherwise autotuning keys on
+``LEN_KEY`` (``max_len`` rounded up to a power of two), head dims, heads, group, mask mode, flags and
+dtypes, so one GPU run picks a config per shape class. The dQ kernel's bias-gradient buffers are reset
+between trials (``reset_to_zero``) because it accumulates into them with atomics.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 import os
 
 import triton
+import triton.testing
 
 from recfm.kernels.hstu_attention.triton_bwd import hstu_dkdv_kernel, hstu_dq_kernel
 from recfm.kernels.hstu_attention.triton_fwd import hstu_fwd_kernel
@@ -45,32 +47,53 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-def fwd_configs(block_d: int) -> list[triton.Config]:
-    """Forward / dQ tiles for Hopper: query tile x key tile, warps, pipeline stages."""
-    if block_d <= 64:
-        return [_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 3), _config(128, 32, 4, 4)]
-    if block_d <= 128:
-        return [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(128, 64, 4, 3), _config(64, 64, 4, 3),
-                _config(128, 32, 4, 3)]
-    return [_config(128, 64, 8, 2), _config(64, 64, 4, 2), _config(128, 32, 8, 2), _config(64, 32, 4, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head-dim class and "heavy" (a bias table on: more
+# live registers per score). Chosen so that each compiles for sm_90 without (or with few) register spills.
+_CONFIGS = {
+    ("fwd", 64, False): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+    ("fwd", 128, False): [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
+    ("fwd", 256, False): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
+    ("dq", 64, False): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
+    ("dq", 128, False): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
+    ("dq", 256, False): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
+    ("dkdv", 64, False): [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+    ("dkdv", 128, False): [(32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 8, 3), (16, 64, 4, 3)],
+    ("dkdv", 256, False): [(32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
+    ("fwd", 64, True): [(128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+    ("fwd", 128, True): [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
+    ("fwd", 256, True): [(64, 32, 8, 2), (32, 32, 4, 2)],
+    ("dq", 64, True): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
+    ("dq", 128, True): [(64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+    ("dq", 256, True): [(32, 32, 4, 2), (32, 16, 4, 2)],
+    ("dkdv", 64, True): [(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
+    ("dkdv", 128, True): [(32, 64, 8, 2), (16, 128, 8, 2), (16, 64, 8, 2)],
+    ("dkdv", 256, True): [(16, 64, 8, 2), (16, 32, 4, 2)],
+}
 
 
-def dkdv_configs(block_d: int) -> list[triton.Config]:
-    """dK/dV tiles: BLOCK_N keys held in registers, BLOCK_M query rows streamed."""
-    if block_d <= 64:
-        return [_config(64, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 128, 4, 3), _config(32, 64, 4, 4)]
-    if block_d <= 128:
-        return [_config(64, 128, 8, 2), _config(32, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 3)]
-    return [_config(32, 64, 4, 2), _config(64, 64, 8, 2), _config(32, 128, 8, 2), _config(16, 64, 4, 2)]
+def configs(kind: str, block_d: int, heavy: bool) -> list[triton.Config]:
+    """Autotuning candidates of kernel ``kind`` for head dims padded to ``block_d``; the last is the fixed
+    config of short batches."""
+    dim_class = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+    return [_config(*c) for c in _CONFIGS[(kind, dim_class, heavy)]]
 
 
-@functools.lru_cache(maxsize=None)
-def _tuned(kind: str, block_d: int):
-    if kind == "fwd":
-        return triton.autotune(fwd_configs(block_d), key=KEY)(hstu_fwd_kernel)
-    if kind == "dq":
-        return triton.autotune(fwd_configs(block_d), key=KEY, reset_to_zero=["DPTAB", "DTTAB"])(hstu_dq_kernel)
-    return triton.autotune(dkdv_configs(block_d), key=KEY)(hstu_dkdv_kernel)
+_TUNERS: dict[tuple[str, int, bool], object] = {}  # one autotuner per (kernel, head-dim class, heavy)
+
+
+def _tuned(kind: str, block_d: int, heavy: bool):
+    if (kind, block_d, heavy) not in _TUNERS:
+        bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
+        reset = ["DPTAB", "DTTAB"] if kind == "dq" else None
+        _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY, reset_to_zero=reset,
+                                                        do_bench=bench)(_KERNELS[kind])
+    return _TUNERS[kind, block_d, heavy]
+
+
+def tuned_configs() -> dict[str, str]:
+    """The autotuners' choices so far, ``"kernel/d/bias? key" -> config`` (for benchmark reports)."""
+    return {f"{kind}/d{block_d}/{'bias' if heavy else 'plain'} {key}": str(cfg)
+            for (kind, block_d, heavy), tuner in _TUNERS.items() for key, cfg in tuner.cache.items()}
 
 
 _KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dkdv": hstu_dkdv_kernel}
@@ -87,8 +110,9 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
         _KERNELS[kind][grid](*args, **meta, **tiles)
         return
     block_d = max(meta["BLOCK_DQK"], meta["BLOCK_DV"])
+    heavy = bool(meta["HAS_POS"] or meta["HAS_TIME"])
     if grid_rows < TUNE_FROM_LEN:
-        cfg = (dkdv_configs if kind == "dkdv" else fwd_configs)(block_d)[-1]
+        cfg = configs(kind, block_d, heavy)[-1]
         grid = (max(1, triton.cdiv(grid_rows, cfg.kwargs[block])), num_samples, num_heads)
         _KERNELS[kind][grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return
@@ -96,4 +120,4 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
     def tuned_grid(cfg):
         return (max(1, triton.cdiv(grid_rows, cfg[block])), num_samples, num_heads)
 
-    _tuned(kind, block_d)[tuned_grid](*args, **meta)
+    _tuned(kind, block_d, heavy)[tuned_grid](*args, **meta)
