@@ -59,6 +59,20 @@ def time_buckets(dt: torch.Tensor, num_buckets: int, base: float) -> torch.Tenso
     return torch.bucketize(dt.abs(), bounds, right=True)
 
 
+def bias_lookup(table: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """``table[:, buckets]`` moved to the front: table ``[H, K]``, buckets ``[...]`` -> ``[..., H]`` permuted to
+    ``[H, ...]`` (``H = 1`` broadcasts over heads); for a leading batch dim ``[B, ...]`` -> ``[B, H, ...]``.
+
+    Written as an embedding lookup: its backward on a GPU sorts the bucket ids and reduces segments, where
+    plain indexing scatters millions of pairs into a few hundred table cells with atomic adds (measured on an
+    H100: 57 ms per call at 128 x 200 x 200 pairs, the whole step's time).
+    """
+    out = torch.nn.functional.embedding(buckets, table.t())  # [..., H]
+    if buckets.dim() == 3:  # [B, Lq, L] -> [B, H, Lq, L]
+        return out.permute(0, 3, 1, 2)
+    return out.movedim(-1, 0)  # [Lq, L] -> [H, Lq, L]
+
+
 def sample_ids(offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """``[N]`` int64: the sample (0..B-1) of each token, from offsets ``[B+1]`` (no host sync)."""
     lengths = offsets[1:] - offsets[:-1]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from recfm.foundation.model.bias import event_positions, position_buckets, sample_ids, time_buckets
+from recfm.foundation.model.bias import bias_lookup, event_positions, position_buckets, sample_ids, time_buckets
 from recfm.foundation.model.mask import MaskMode, allowed
 from recfm.kernels.hstu_attention.reference import Normaliser
 
@@ -94,10 +94,10 @@ def hstu_attention_dense(
         positions = event_positions(offsets, token_type, timestamps, num_tokens)
         p_q, p_k = pair(positions)
         buckets = position_buckets(p_q - p_k, pos_bias.shape[1])  # [B, Lq, L]
-        scores = scores + pos_bias.to(compute)[:, buckets].transpose(0, 1)
+        scores = scores + bias_lookup(pos_bias.to(compute), buckets)
     if time_bias is not None:
         buckets = time_buckets(ts_q - ts_k, time_bias.shape[1], time_bucket_base)
-        scores = scores + time_bias.to(compute)[:, buckets].transpose(0, 1)
+        scores = scores + bias_lookup(time_bias.to(compute), buckets)
     weights = F.silu(scores) * mask[:, None].to(compute)
     if normaliser is Normaliser.LENGTH:
         lengths = (offsets[1:] - offsets[:-1]).clamp(min=1).to(compute)

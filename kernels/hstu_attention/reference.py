@@ -25,7 +25,7 @@ import enum
 import torch
 import torch.nn.functional as F
 
-from recfm.foundation.model.bias import event_positions, position_buckets, sample_ids, time_buckets
+from recfm.foundation.model.bias import bias_lookup, event_positions, position_buckets, sample_ids, time_buckets
 from recfm.foundation.model.mask import MaskMode, sample_mask
 
 
@@ -107,11 +107,11 @@ def hstu_attention_reference(
         scores = torch.einsum("qhd,khd->hqk", q[rows], k_b) * alpha  # [h, L_q, L]
         if pos_bias is not None:
             p = local(positions)
-            scores = scores + pos_bias[:, position_buckets(p[query_pos][:, None] - p[None, :], pos_bias.shape[1])]
+            scores = scores + bias_lookup(pos_bias, position_buckets(p[query_pos][:, None] - p[None, :], pos_bias.shape[1]))
         if time_bias is not None:
             t = local(timestamps)
             gap = t[query_pos][:, None] - t[None, :]
-            scores = scores + time_bias[:, time_buckets(gap, time_bias.shape[1], time_bucket_base)]
+            scores = scores + bias_lookup(time_bias, time_buckets(gap, time_bias.shape[1], time_bucket_base))
         weights = F.silu(scores) * mask.to(dtype)
         if normaliser is Normaliser.LENGTH:
             weights = weights / (end - start)
