@@ -136,6 +136,17 @@ def test_triton_large_timestamps_and_gaps():
                      forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
 
 
+def test_metadata_memo_follows_in_place_changes():
+    q, k, v, offsets, types, stamps = make_batch([20, 7], 2, 1, seed=32)
+    kw = dict(max_len=20, mask_mode="mixed", pos_bias=table(2, 9, 33), time_bias=table(1, 8, 34))
+    for _ in range(2):  # the second call reuses the memoised metadata
+        got = hstu_attention(q, k, v, offsets, token_type=types, timestamps=stamps, impl="triton", **kw)
+        want = hstu_attention(q, k, v, offsets, token_type=types, timestamps=stamps, **kw)
+        assert_close_rel([got], [want], TOL[torch.float32])
+        types.copy_(types.flip(0))  # in place: must not reuse the old metadata
+        stamps.mul_(3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_triton_half_precision(dtype):
     q, k, v, offsets, types, stamps = make_batch([33, 0, 1, 20], 4, 2, layout=True, seed=7, dtype=dtype)

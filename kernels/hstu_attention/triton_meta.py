@@ -1,0 +1,121 @@
+"""Per-batch token metadata of the Triton HSTU attention, built on the device without a host sync.
+
+A backbone calls the attention once per layer with the same ``offsets`` / ``token_type`` / ``timestamps``
+/ ``query_index`` tensors, so the metadata is memoised for the most recent call (one entry, keyed by the
+identity and version counter of those tensors and the options it depends on): the same result, computed
+once per batch instead of once per layer. An in-place change of any of them, or new tensors, rebuilds it.
+
+Contents (all int32 unless said, ``N`` tokens, ``B`` samples):
+
+* ``qtok``, ``order``, ``qoff``: target-only queries sorted by token (int64 ``[N_q]``: grouped by sample,
+  in position order), the sort permutation, and per-sample query offsets ``[B+1]`` (``searchsorted``);
+* ``ranks``: dense time rank of every token (the mask compares ranks: exactly the int64 comparisons);
+* ``seconds``: seconds since the sample's earliest timestamp, clamped to ``2^31 - 2`` (time bias; exact
+  while a sample spans less than ~68 years);
+* ``stats``: ``[B, 3]`` first non-H position, 1 + last H position, 1 + last H/R position (mixed mask);
+* ``positions``: event positions (``bias.event_positions``) for the position bias;
+* ``bounds``: time-bucket boundaries (``bias.time_bucket_boundaries``) clamped to ``2^31 - 1``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from recfm.foundation.model.bias import event_positions, sample_ids, time_bucket_boundaries
+from recfm.foundation.model.mask import MaskMode
+
+INT32_SPAN = 2**31 - 2  # relative seconds are clamped here; boundaries at 2**31 - 1
+
+
+def mixed_stats(offsets: torch.Tensor, token_type: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``[B, 3]`` int32 per sample: first non-H position (``L`` if none), 1 + last H position (0 if none),
+    1 + last H/R position (0 if none)."""
+    lengths = offsets[1:] - offsets[:-1]
+    samples = sample_ids(offsets, num_tokens)
+    local = torch.arange(num_tokens, device=offsets.device) - offsets[samples]
+    is_h = token_type == 0
+    is_event = token_type != 2
+    h_prefix = lengths.clone().scatter_reduce_(0, samples, torch.where(is_h, lengths[samples], local), "amin")
+    zeros = torch.zeros_like(lengths)
+    h_end = zeros.clone().scatter_reduce_(0, samples, torch.where(is_h, local + 1, 0), "amax")
+    e_end = zeros.scatter_reduce_(0, samples, torch.where(is_event, local + 1, 0), "amax")
+    return torch.stack([h_prefix, h_end, e_end], 1).to(torch.int32).contiguous()
+
+
+def time_ranks(timestamps: torch.Tensor) -> torch.Tensor:
+    """``[N]`` int32 dense rank of each timestamp in the batch (equal stamps, equal ranks)."""
+    stamps, order = torch.sort(timestamps)
+    changes = torch.cat([stamps.new_zeros(1), (stamps[1:] != stamps[:-1]).to(torch.int64)]).cumsum(0)
+    return torch.empty_like(changes).scatter_(0, order, changes).to(torch.int32)
+
+
+def relative_seconds(offsets: torch.Tensor, timestamps: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``[N]`` int32 seconds since the sample's earliest timestamp, clamped to ``INT32_SPAN``."""
+    samples = sample_ids(offsets, num_tokens)
+    first = torch.full((offsets.numel() - 1,), torch.iinfo(torch.int64).max, dtype=torch.int64,
+                       device=offsets.device).scatter_reduce_(0, samples, timestamps, "amin")
+    return (timestamps - first[samples]).clamp(0, INT32_SPAN).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class TokenMeta:
+    """Device tensors the kernels read besides q/k/v (module docstring); 1-element dummies where unused."""
+
+    offsets: torch.Tensor
+    qtok: torch.Tensor
+    order: torch.Tensor | None
+    qoff: torch.Tensor
+    token_type: torch.Tensor
+    ranks: torch.Tensor
+    seconds: torch.Tensor
+    stats: torch.Tensor
+    positions: torch.Tensor
+    bounds: torch.Tensor
+
+
+def _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_time_buckets, base, num_tokens):
+    device = offsets.device
+    i64 = torch.zeros(1, dtype=torch.int64, device=device)
+    i32 = torch.zeros(1, dtype=torch.int32, device=device)
+    offsets = offsets.contiguous()
+    qtok, order, qoff = i64, None, offsets
+    if query_index is not None:
+        qtok, order = torch.sort(query_index, stable=True)
+        qoff = torch.searchsorted(qtok, offsets)
+    mixed = mode is MaskMode.MIXED
+    bounds = i32
+    if num_time_buckets > 1:
+        bounds = time_bucket_boundaries(num_time_buckets, base, device).clamp(max=INT32_SPAN + 1).to(torch.int32)
+    return TokenMeta(
+        offsets=offsets, qtok=qtok, order=order, qoff=qoff,
+        token_type=token_type.contiguous() if mixed else i64,
+        ranks=time_ranks(timestamps) if mixed else i32,
+        seconds=relative_seconds(offsets, timestamps, num_tokens) if num_time_buckets else i32,
+        stats=mixed_stats(offsets, token_type, num_tokens) if mixed else i32,
+        positions=event_positions(offsets, token_type, timestamps, num_tokens).to(torch.int32) if with_pos else i32,
+        bounds=bounds,
+    )
+
+
+_LAST: list = []  # [(weak references, versions, options, TokenMeta)] of the most recent call
+
+
+def token_metadata(offsets: torch.Tensor, token_type: torch.Tensor | None, timestamps: torch.Tensor | None,
+                   query_index: torch.Tensor | None, mode: MaskMode, with_pos: bool, num_time_buckets: int,
+                   base: float, num_tokens: int) -> TokenMeta:
+    """The :class:`TokenMeta` of a call (``num_time_buckets = 0``: no time bias), memoised for the last
+    call's tensors (module docstring)."""
+    tensors = (offsets, token_type, timestamps, query_index)
+    versions = tuple(None if t is None else t._version for t in tensors)
+    options = (mode, with_pos, num_time_buckets, base, num_tokens)
+    if _LAST:
+        refs, old_versions, old_options, meta = _LAST[0]
+        same = all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
+        if same and old_versions == versions and old_options == options:
+            return meta
+    meta = _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_time_buckets, base, num_tokens)
+    _LAST[:] = [(tuple(None if t is None else weakref.ref(t) for t in tensors), versions, options, meta)]
+    return meta
