@@ -3,9 +3,16 @@ data tests need the public datasets beside the repository (../shared/data)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run under the interpreter. The variable must be set before anything imports
+# triton (torchrec does), so it is set here, when pytest loads this file, not in a test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
