@@ -30,7 +30,6 @@ NORM_KEYS = 1
 NORM_CONST = 2
 NO_TYPE: tl.constexpr = tl.constexpr(3)  # loaded for key columns past the sample end
 TIME_CAP: tl.constexpr = tl.constexpr(2**62)  # bias.time_bucket_boundaries caps boundaries here
-FEW_BUCKETS: tl.constexpr = tl.constexpr(4)  # bias-grad tiles over fewer buckets reduce per bucket
 FAR: tl.constexpr = tl.constexpr(1 << 30)  # "no such position" in min/max reductions
 
 
@@ -102,17 +101,23 @@ def add_bias(s, ev_q, ev_k, ts_q, ts_k, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_lo
 
 
 @triton.jit
-def scatter_add_grad(DTAB, bucket, ds):
-    """``DTAB[bucket] += ds`` for a tile. Tiles spanning at most ``FEW_BUCKETS`` buckets (far from the
-    diagonal, time-ordered histories) add one reduced scalar per bucket; others one atomic per element."""
-    lo = tl.min(tl.min(bucket, axis=1), axis=0)
-    hi = tl.max(tl.max(bucket, axis=1), axis=0)
-    if hi - lo < FEW_BUCKETS:
+def scatter_add_grad(DTAB, bucket, ds, valid, FEW_BUCKETS: tl.constexpr):
+    """``DTAB[bucket] += ds`` over the ``valid`` entries of a tile: one atomic when they hold one bucket (far
+    from the diagonal), one reduced atomic per bucket when they span fewer than ``FEW_BUCKETS`` (a pass over
+    the tile each), else one atomic per element (unusual layouts or tiles). Contended per-element atomics into
+    a few hundred table cells are far slower than the passes (the launcher sets ``FEW_BUCKETS`` = 128 on a
+    GPU, 4 under the interpreter so that tests reach all three paths)."""
+    lo = tl.min(tl.min(tl.where(valid, bucket, FAR), axis=1), axis=0)
+    hi = tl.max(tl.max(tl.where(valid, bucket, -1), axis=1), axis=0)
+    ds = tl.where(valid, ds, 0.0)
+    if lo == hi:
+        tl.atomic_add(DTAB + lo, tl.sum(tl.sum(ds, axis=1), axis=0), sem="relaxed")
+    elif hi - lo < FEW_BUCKETS:
         for c in range(lo, hi + 1):
             part = tl.sum(tl.sum(tl.where(bucket == c, ds, 0.0), axis=1), axis=0)
             tl.atomic_add(DTAB + c, part, sem="relaxed")
     else:
-        tl.atomic_add(DTAB + bucket, ds, sem="relaxed")
+        tl.atomic_add(DTAB + bucket, ds, mask=valid, sem="relaxed")
 
 
 @triton.jit

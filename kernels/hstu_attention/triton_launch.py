@@ -103,6 +103,8 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
     """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dkdv``) over ``(cdiv(grid_rows, tile), num_samples,
     num_heads)`` programs; the tile is BLOCK_M (fwd, dq) or BLOCK_N (dkdv)."""
     block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    if kind == "dq":  # see triton_common.scatter_add_grad
+        meta = {**meta, "FEW_BUCKETS": 4 if interpreting() else 128}
     if interpreting():
         _interpreter_index_fix()
         tiles = {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
