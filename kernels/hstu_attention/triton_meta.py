@@ -87,8 +87,9 @@ def _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_tim
         qoff = torch.searchsorted(qtok, offsets)
     mixed = mode is MaskMode.MIXED
     bounds = i32
-    if num_time_buckets > 1:
-        bounds = time_bucket_boundaries(num_time_buckets, base, device).clamp(max=INT32_SPAN + 1).to(torch.int32)
+    if num_time_buckets > 1:  # built on the host; a pinned, non-blocking copy does not wait for the device
+        host = time_bucket_boundaries(num_time_buckets, base).clamp(max=INT32_SPAN + 1).to(torch.int32)
+        bounds = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
     return TokenMeta(
         offsets=offsets, qtok=qtok, order=order, qoff=qoff,
         token_type=token_type.contiguous() if mixed else i64,
