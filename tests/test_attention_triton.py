@@ -231,6 +231,9 @@ def _args(**change):
     (lambda a: a.update(k=a["k"][:, :1].repeat(1, 3, 1), v=a["v"][:, :1].repeat(1, 3, 1)), "does not divide"),
     (lambda a: a.update(q=a["q"].new_zeros(5, 4, 300), k=a["k"].new_zeros(5, 2, 300)), "at most 256"),
     (lambda a: a.update(timestamps=a["timestamps"].to("meta")), "timestamps is on meta"),
+    (lambda a: a.update(offsets=torch.zeros(70000, dtype=torch.int64, device=DEVICE), q=a["q"][:0], k=a["k"][:0],
+                        v=a["v"][:0], token_type=a["token_type"][:0], timestamps=a["timestamps"][:0]),
+     "at most 65535"),
 ])
 def test_bad_inputs(change, message):
     args = _args()
