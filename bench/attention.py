@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heads", default="4x128,2x256", help="h x d pairs")
     parser.add_argument("--kv", default="h,1", help="kv heads: 'h' (MHA) and/or 1 (one kv head)")
     parser.add_argument("--masks", default="full,causal,mixed,targets")
-    parser.add_argument("--impls", default="reference,dense,triton,sdpa")
+    parser.add_argument("--impls", default="triton,sdpa,dense,reference",
+                        help="in this order per shape (the big dense/reference allocations come last)")
     parser.add_argument("--ref-max-len", type=int, default=1024, help="longest L the reference runs at")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
