@@ -100,6 +100,7 @@ class _HSTUAttention(torch.autograd.Function):
         return _unsort(out, plan.order)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q_sorted, k, v, pos_bias, time_bias, invn = ctx.saved_tensors
         plan: _Plan = ctx.plan
