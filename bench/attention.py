@@ -83,8 +83,9 @@ def make_batch(length: int, batch: int, h: int, h_kv: int, d: int, mask: str, de
               token_type=types.to(device), timestamps=stamps.to(device),
               query_index=None if query_index is None else query_index.to(device))
     if mask in ("mixed", "targets"):
-        kw["pos_bias"] = (torch.randn(h, 513, generator=gen) * 0.1).to(device)
-        kw["time_bias"] = (torch.randn(h, 32, generator=gen) * 0.1).to(device)
+        # learned tables, as in training: the backward computes their gradients too
+        kw["pos_bias"] = (torch.randn(h, 513, generator=gen) * 0.1).to(device).requires_grad_()
+        kw["time_bias"] = (torch.randn(h, 32, generator=gen) * 0.1).to(device).requires_grad_()
     return dict(q=q, k=k, v=v, offsets=offsets.to(device), kw=kw, lengths=lengths)
 
 
@@ -196,7 +197,8 @@ def measure(fn, batch: dict, smoke: bool) -> dict:
     from triton.testing import do_bench
 
     fwd_ms = do_bench(forward, warmup=10, rep=50, return_mode="median")
-    fb_ms = do_bench(forward_backward, warmup=10, rep=50, grad_to_none=[q, k, v], return_mode="median")
+    tables = [t for name, t in batch["kw"].items() if name.endswith("_bias")]
+    fb_ms = do_bench(forward_backward, warmup=10, rep=50, grad_to_none=[q, k, v, *tables], return_mode="median")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -145,7 +145,8 @@ def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, T
              L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr,
              D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr):
+             BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
+             TIME_GRAD: tl.constexpr):
     cols, col_ok, type_k, ts_k, tt_k, ev_k = key_tile(TYPE, TS, TT, POS, L, start_n, MASKED and MASK_MODE == 2,
                                                 MASKED and MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
     k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
@@ -161,11 +162,11 @@ def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, T
                           pos_q[:, None], cols[None, :])
         ds = tl.where(ok, ds, 0.0)
     dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
-    if HAS_POS or HAS_TIME:
+    if POS_GRAD or TIME_GRAD:
         valid = row_ok[:, None] & col_ok[None, :]
-        if HAS_POS:
+        if POS_GRAD:
             scatter_add_grad(DPTAB, pos_bucket(ev_q[:, None], ev_k[None, :], P_HALF), ds, valid, FEW_BUCKETS)
-        if HAS_TIME:
+        if TIME_GRAD:
             scatter_add_grad(DTTAB, time_bucket(tt_q[:, None], tt_k[None, :], TBND, NUM_TB, inv_log2_base), ds,
                              valid, FEW_BUCKETS)
     return dqa
@@ -178,9 +179,11 @@ def hstu_dq_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """DQ ``[N_q, H, D_QK]`` (input dtype); DPTAB/DTTAB fp32 gradients laid out like the tables."""
+    """DQ ``[N_q, H, D_QK]`` (input dtype); DPTAB/DTTAB fp32 gradients laid out like the tables (accumulated
+    only when POS_GRAD / TIME_GRAD)."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     g = tl.program_id(2)
@@ -228,15 +231,17 @@ def hstu_dq_kernel(
         for start_n in range(0, free_end, BLOCK_N):
             dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
                            DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False,
-                           MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS)
+                           MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS,
+                           POS_GRAD, TIME_GRAD)
         for start_n in range(free_end, masked_end, BLOCK_N):
             dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
                            DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
-                           MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS)
+                           MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS,
+                           POS_GRAD, TIME_GRAD)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
                 dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
                                DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
                                True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                               FEW_BUCKETS)
+                               FEW_BUCKETS, POS_GRAD, TIME_GRAD)
         store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)

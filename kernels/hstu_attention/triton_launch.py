@@ -19,7 +19,8 @@ from recfm.kernels.hstu_attention.triton_fwd import hstu_fwd_kernel
 
 INTERPRET_BLOCK = 16  # tiny tiles under TRITON_INTERPRET=1 (tests)
 TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not worth the compile time)
-KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME"]
+KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
+       "TIME_GRAD"]
 
 
 def interpreting() -> bool:
