@@ -35,7 +35,10 @@ from recfm.kernels.hstu_attention.reference import Normaliser, hstu_attention_re
 
 def _triton(*args, **kwargs) -> torch.Tensor:
     """Lazy entry of the fused Triton kernels (imports Triton on first call)."""
-    from recfm.kernels.hstu_attention.triton_impl import hstu_attention_triton
+    try:
+        from recfm.kernels.hstu_attention.triton_impl import hstu_attention_triton
+    except ImportError as err:
+        raise RecfmError(f"hstu_attention: impl='triton' needs the triton package ({err})") from err
 
     return hstu_attention_triton(*args, **kwargs)
 
