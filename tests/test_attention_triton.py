@@ -285,11 +285,12 @@ def test_gpu_no_host_sync():
     for qi in (None, rows):
         q_in = q if qi is None else q[qi]
         forward_backward("triton", q_in, k, v, offsets, *tabs, query_index=qi, **kw)  # compile + autotune
+        leaves = [t.detach().clone().requires_grad_() for t in (q_in, k, v, *tabs)]  # as in the warm-up
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            out = hstu_attention(q_in.requires_grad_(), k, v, offsets, impl="triton", validate=False,
-                                 query_index=qi, pos_bias=tabs[0], time_bias=tabs[1], **kw)
+            out = hstu_attention(*leaves[:3], offsets, impl="triton", validate=False, query_index=qi,
+                                 pos_bias=leaves[3], time_bias=leaves[4], **kw)
             out.sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
