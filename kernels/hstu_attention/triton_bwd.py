@@ -7,11 +7,11 @@ With ``s = alpha q.k + bias``, ``w = silu(s) * M / n``, ``O = w @ v``::
 
 ``silu'`` comes from the recomputed scores (nothing but ``1/n`` of the ``keys`` normaliser is saved).
 
-* :func:`hstu_dkdv_kernel` -- grid ``(cdiv(max_len, BLOCK_N), B, h_kv)``: one key tile of one kv head,
+* :func:`hstu_dkdv_kernel` -- grid ``(B, h_kv, cdiv(max_len, BLOCK_N))``: one key tile of one kv head,
   looping over the GROUP query heads that share it and over the query tiles of
   :func:`.triton_common.query_ranges`; dK/dV accumulate in fp32 registers and are written once (no atomics,
   no repeated K/V).
-* :func:`hstu_dq_kernel` -- grid ``(cdiv(max_len, BLOCK_M), B, h)``: the forward's loop, accumulating dQ;
+* :func:`hstu_dq_kernel` -- grid ``(B, h, cdiv(max_len, BLOCK_M))``: the forward's loop, accumulating dQ;
   the bias-table gradients are atomic adds into fp32 ``[rows, buckets]`` buffers (one atomic per tile when
   the whole tile falls in one bucket, as far from the diagonal or for large time gaps).
 """
@@ -85,10 +85,10 @@ def hstu_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DK ``[N, H/GROUP, D_QK]``, DV ``[N, H/GROUP, D_V]`` (input dtype); other tensors as the forward."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    kv_h = tl.program_id(2)
-    n_prog = tl.num_programs(0)
+    b = tl.program_id(0)
+    kv_h = tl.program_id(1)
+    pid = tl.program_id(2)
+    n_prog = tl.num_programs(2)
     H_KV: tl.constexpr = H // GROUP
     seq_start = tl.load(OFF + b)
     L = (tl.load(OFF + b + 1) - seq_start).to(tl.int32)
@@ -184,10 +184,10 @@ def hstu_dq_kernel(
 ):
     """DQ ``[N_q, H, D_QK]`` (input dtype); DPTAB/DTTAB fp32 gradients laid out like the tables (accumulated
     only when POS_GRAD / TIME_GRAD)."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    g = tl.program_id(2)
-    n_prog = tl.num_programs(0)
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    pid = tl.program_id(2)
+    n_prog = tl.num_programs(2)
     H_KV: tl.constexpr = H // GROUP
     seq_start = tl.load(OFF + b)
     L = (tl.load(OFF + b + 1) - seq_start).to(tl.int32)

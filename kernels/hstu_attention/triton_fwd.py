@@ -1,9 +1,9 @@
 """Forward Triton kernel of HSTU attention (one query tile per program, keys streamed in blocks).
 
-Grid ``(cdiv(max_len, BLOCK_M), B, h)``: program ``(p, b, g)`` handles query head ``g`` of sample ``b``,
-query tiles ``n_prog - 1 - p, + n_prog, ...`` (the last, heaviest causal tiles start first; the stride
-loop also covers a sample with more query rows than ``max_len``). K/V rows are read from the kv head
-``g // GROUP`` in place (GQA without repeating K/V). Per key block::
+Grid ``(B, h, cdiv(max_len, BLOCK_M))``: program ``(b, g, p)`` handles query head ``g`` of sample ``b``,
+query tiles ``n_prog - 1 - p, + n_prog, ...`` (the last, heaviest causal tiles of every sample and head
+start first; the stride loop also covers a sample with more query rows than ``max_len``). K/V rows are
+read from the kv head ``g // GROUP`` in place (GQA without repeating K/V). Per key block::
 
     s = alpha * q @ k^T + pos_bias + time_bias      [BLOCK_M, BLOCK_N] fp32
     acc += (silu(s) * mask) @ v                     fp32 accumulator, operands in the input dtype
@@ -68,10 +68,10 @@ def hstu_fwd_kernel(
 ):
     """Q ``[N_q, H, D_QK]`` (rows grouped by sample, QOFF ``[B+1]``), K ``[N, H/GROUP, D_QK]``,
     V ``[N, H/GROUP, D_V]``, O ``[N_q, H, D_V]``; all contiguous. LEN_KEY only keys the autotuner."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    g = tl.program_id(2)
-    n_prog = tl.num_programs(0)
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    pid = tl.program_id(2)
+    n_prog = tl.num_programs(2)
     H_KV: tl.constexpr = H // GROUP
     COUNT: tl.constexpr = NORM == 1 and MASK_MODE == 2
     seq_start = tl.load(OFF + b)

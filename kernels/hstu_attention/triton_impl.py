@@ -131,14 +131,8 @@ def _unsort(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
     return torch.empty_like(x).index_copy_(0, order, x)
 
 
-MAX_SAMPLES = 65535  # the grid's second axis
-
-
-def check_triton_inputs(q: torch.Tensor, d_v: int, num_samples: int) -> None:
+def check_triton_inputs(q: torch.Tensor, d_v: int) -> None:
     """What the Triton path needs beyond the dispatcher's checks; raises :class:`RecfmError`."""
-    if num_samples > MAX_SAMPLES:
-        raise RecfmError(f"hstu_attention(impl='triton'): {num_samples} samples; at most {MAX_SAMPLES} per call "
-                         "(split the batch)")
     if q.dtype not in _DTYPES:
         raise RecfmError(f"hstu_attention(impl='triton'): dtype {q.dtype} is not one of {list(_DTYPES)}")
     if q.device.type != "cuda" and not interpreting():
@@ -173,7 +167,7 @@ def hstu_attention_triton(
     Returns:
         ``[N_q, h, d_v]`` in ``q.dtype``; differentiable in ``q``, ``k``, ``v``, ``pos_bias``, ``time_bias``.
     """
-    check_triton_inputs(q, v.shape[2], offsets.numel() - 1)
+    check_triton_inputs(q, v.shape[2])
     plan = _Plan(q, k, v, offsets, max_len, token_type, timestamps, MaskMode(mask_mode), pos_bias, time_bias,
                  float(time_bucket_base), float(alpha), Normaliser(normaliser), query_index)
     return _HSTUAttention.apply(q, k, v, pos_bias, time_bias, plan)

@@ -98,30 +98,37 @@ def tuned_configs() -> dict[str, str]:
             for (kind, block_d, heavy), tuner in _TUNERS.items() for key, cfg in tuner.cache.items()}
 
 
+def _tiles(rows: int, block: int) -> int:
+    """Programs along the tile axis (at most 65535, the grid's z limit; the kernels' stride loops cover
+    any further tiles)."""
+    return min(max(1, triton.cdiv(rows, block)), 65535)
+
+
 _KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dkdv": hstu_dkdv_kernel}
 
 
 def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tuple, meta: dict) -> None:
-    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dkdv``) over ``(cdiv(grid_rows, tile), num_samples,
-    num_heads)`` programs; the tile is BLOCK_M (fwd, dq) or BLOCK_N (dkdv)."""
+    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dkdv``) over ``(num_samples, num_heads, cdiv(grid_rows,
+    tile))`` programs; the tile is BLOCK_M (fwd, dq) or BLOCK_N (dkdv). Tiles on the slowest axis: the GPU
+    starts every sample's and head's first tile (the heaviest causal one) before any second tile."""
     block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
     if kind == "dq":  # see triton_common.scatter_add_grad
         meta = {**meta, "FEW_BUCKETS": 4 if interpreting() else 128}
     if interpreting():
         _interpreter_index_fix()
         tiles = {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
-        grid = (max(1, triton.cdiv(grid_rows, tiles[block])), num_samples, num_heads)
+        grid = (num_samples, num_heads, _tiles(grid_rows, tiles[block]))
         _KERNELS[kind][grid](*args, **meta, **tiles)
         return
     block_d = max(meta["BLOCK_DQK"], meta["BLOCK_DV"])
     heavy = bool(meta["HAS_POS"] or meta["HAS_TIME"])
     if grid_rows < TUNE_FROM_LEN:
         cfg = configs(kind, block_d, heavy)[-1]
-        grid = (max(1, triton.cdiv(grid_rows, cfg.kwargs[block])), num_samples, num_heads)
+        grid = (num_samples, num_heads, _tiles(grid_rows, cfg.kwargs[block]))
         _KERNELS[kind][grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return
 
     def tuned_grid(cfg):
-        return (max(1, triton.cdiv(grid_rows, cfg[block])), num_samples, num_heads)
+        return (num_samples, num_heads, _tiles(grid_rows, cfg[block]))
 
     _tuned(kind, block_d, heavy)[tuned_grid](*args, **meta)
