@@ -130,7 +130,10 @@ def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> di
                 break
             node = child
         else:
-            node[leaf] = yaml.safe_load(value)
+            try:
+                node[leaf] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                problems.append(f"<command line>: {key}: value {value!r} is not YAML ({e})")
     return data
 
 

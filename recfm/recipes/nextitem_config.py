@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
 
 from recfm.errors import ConfigError
 from recfm.foundation.model.backbone import BackboneConfig
 from recfm.foundation.model.config import RetrievalConfig
 from recfm.foundation.model.sasrec import SASRecConfig
+from recfm.recipes.config import apply_overrides
 from recfm.scenarios import strict
 
 
@@ -116,28 +116,6 @@ _SECTIONS = {"data": DataSection, "embedding": EmbeddingSection, "backbone": Bac
              "retrieval": RetrievalConfig, "train": TrainSection}
 
 
-def apply_overrides(data: dict, overrides, file: str, problems: list[str]) -> None:
-    """Set ``a.b.c=value`` pairs (values parsed as YAML) into the nested dict ``data``."""
-    for item in overrides:
-        key, sep, value = str(item).partition("=")
-        if not sep or not key:
-            problems.append(f"{file}: override {item!r}: expected key.path=value")
-            continue
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                problems.append(f"{file}: override {key}: {part} is not a section")
-                break
-            node = child
-        else:
-            try:
-                node[leaf] = yaml.safe_load(value)
-            except yaml.YAMLError as e:
-                problems.append(f"{file}: override {key}: value {value!r} is not YAML ({e})")
-
-
 def load_nextitem_config(path: str | Path, overrides=()) -> NextItemConfig:
     """Strictly load a next-item YAML with overrides; every problem (file and key named) in one ConfigError."""
     file = str(path)
@@ -146,7 +124,7 @@ def load_nextitem_config(path: str | Path, overrides=()) -> NextItemConfig:
         raise ConfigError(problems)
     if not isinstance(data, dict):
         raise ConfigError([f"{file}: expected a mapping, got {strict.show(data)}"])
-    apply_overrides(data, overrides, file, problems)
+    apply_overrides(data, [str(o) for o in overrides], problems)
     given = {"source_file": file}
     for key, cls in _SECTIONS.items():
         if key in data:
