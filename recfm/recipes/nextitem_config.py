@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-
 from recfm.errors import ConfigError
 from recfm.foundation.model.backbone import BackboneConfig
 from recfm.foundation.model.config import RetrievalConfig
