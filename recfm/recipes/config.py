@@ -82,6 +82,7 @@ class TrainConfig:
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
     device: str = "auto"
     prefetch: bool = True
+    threads: int | None = None  # CPU intra-op threads; None = cores - 1 (one core left for batch collation)
     shard_embeddings: bool = False  # torchrun: shard tables with torchrec (docs/distributed.md)
 
 
@@ -160,6 +161,8 @@ def _check(cfg: RunConfig, file: str) -> list[str]:
     for key, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("data.memory_mb", d.memory_mb)]:
         if value <= 0:
             p.append(f"{file}: {key}: must be > 0 (got {value})")
+    if t.threads is not None and t.threads < 1:
+        p.append(f"{file}: train.threads: must be >= 1 (got {t.threads})")
     if t.max_tokens is not None and t.max_tokens <= 0:
         p.append(f"{file}: train.max_tokens: must be > 0 (got {t.max_tokens})")
     if t.lr <= 0:

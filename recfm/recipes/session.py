@@ -58,6 +58,11 @@ def start(config: str | Path | None, overrides=()) -> Session:
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        # The prefetch thread collates batches on the host: leave it a core. On 2 cores one intra-op thread
+        # ran the main job 13% faster than two when idle, and up to 25x faster when other processes share
+        # the cores (threads spin-waiting on each other).
+        torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 2) - 1))
     if cfg.train.shard_embeddings:
         check_sharding(device, cfg.source_file)  # before any data work; a no-op without torchrun
     out = Path(cfg.out)
