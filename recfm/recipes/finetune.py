@@ -98,6 +98,9 @@ def finetune(config=None, overrides=(), *, from_ckpt: str | Path | None = None, 
     if from_ckpt is None:
         raise RecfmError("finetune: give the pretrained checkpoint (--from CKPT)")
     s = session.start(config, overrides)
+    if s.cfg.train.shard_embeddings and s.world_size > 1:
+        raise ConfigError([f"{s.cfg.source_file}: train.shard_embeddings: fine-tuning does not shard tables yet "
+                           "(its evaluation needs gathered tables); run it with replicated tables"])
     world, name = _finetune_world(s)
     s.world = world
     state = load(from_ckpt)  # before any data is built or anything written
