@@ -125,12 +125,6 @@ def step_loss(losses: list[TaskLoss], counts: dict[tuple[str, str], float]) -> t
     return torch.stack([t.float() for t in terms]).sum()
 
 
-def all_reduce_gradients(params: list[nn.Parameter]) -> None:
-    """Sum gradients over ranks in one flat buffer; a parameter no rank has a gradient for keeps ``None``."""
-    if params:
-        sum_gradients(params, torch.zeros(0, device=params[0].device))
-
-
 @dataclass
 class TrainResult:
     """What :meth:`Trainer.fit` did: the loss of every step (all steps, resumed ones included)."""
