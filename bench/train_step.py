@@ -188,13 +188,15 @@ def model_config(run: Run, num_groups: int) -> ModelConfig:
 
 
 def measure(run: Run, pool: list[Batch], specs, device: torch.device, steps: int, warmup: int, peak: float | None,
-            autocast: bool) -> dict:
-    """Warm up, then time ``steps`` steps; returns the row's numbers."""
+            autocast: bool, profile: bool = False) -> dict:
+    """Warm up (at least one pass over the pool), then time ``steps`` steps; returns the row's numbers (with
+    ``profile``: also a torch-profiler summary of the timed steps, which the profiler slows down)."""
     torch.manual_seed(0)
     cfg = model_config(run, len(SEQUENCES) + 1 + len(specs))
     model = StepModel(cfg, specs).to(device)
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=cuda)
+    warmup = max(warmup, len(pool))  # every batch shape once before timing: autotuning stays out of the timed steps
     batches = [pool[i % len(pool)] for i in range(warmup + steps)]
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -212,11 +214,16 @@ def measure(run: Run, pool: list[Batch], specs, device: torch.device, steps: int
     else:
         source = (b.to(device, merged=False) for b in batches)
     marks, walls, losses = [], [], []
+    prof = None
     for i, batch in enumerate(source):
         if i == warmup:
             if cuda:
                 torch.cuda.synchronize(device)
             wall0 = time.perf_counter()
+            if profile:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+                prof.__enter__()
         if i >= warmup:
             marks.append(_mark(cuda))
         losses.append(step(batch))
@@ -224,6 +231,8 @@ def measure(run: Run, pool: list[Batch], specs, device: torch.device, steps: int
     if cuda:
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - wall0
+    if prof is not None:
+        prof.__exit__(None, None, None)
     times = [(_elapsed(a, b)) for a, b in zip(marks[:-1], marks[1:])]
     timed = batches[warmup:]
     tokens = statistics.fmean(b.num_tokens for b in timed)
@@ -239,10 +248,26 @@ def measure(run: Run, pool: list[Batch], specs, device: torch.device, steps: int
         kv_heads=cfg.backbone.layer.num_kv_heads, final_loss=float(losses[-1]),
         peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
     )
+    if prof is not None:
+        row["profile"] = profile_summary(prof, steps)
     del model, opt
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def profile_summary(prof, steps: int, top: int = 25) -> dict:
+    """Per step: GPU kernel time, kernel launches, and the ``top`` ops by self CUDA time and by self CPU time."""
+    events = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.device_time for e in kernels) / 1e3 / steps
+    by_cuda = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "gpu_kernel_ms_per_step": gpu_ms, "kernel_launches_per_step": len(kernels) / steps,
+        "top_cuda": [(e.key[:90], round(e.self_device_time_total / 1e3 / steps, 3), e.count // steps) for e in by_cuda],
+        "top_cpu": [(e.key[:90], round(e.self_cpu_time_total / 1e3 / steps, 3), e.count // steps) for e in by_cpu],
+    }
 
 
 def _mark(cuda: bool):
@@ -307,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--pool", type=int, default=6, help="distinct synthetic batches cycled through")
     p.add_argument("--only", nargs="*", help="keep rows whose name contains one of these words")
+    p.add_argument("--profile", action="store_true", help="torch-profile the timed steps of the first row")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: tiny preset, short samples, 2 steps")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_step.json")
     args = p.parse_args(argv)
@@ -342,9 +368,10 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
 
     rows = []
-    for run in runs:
+    for i, run in enumerate(runs):
         try:
-            row = measure(run, pools[run.batch_size], specs, device, args.steps, args.warmup, peak, autocast=cuda)
+            row = measure(run, pools[run.batch_size], specs, device, args.steps, args.warmup, peak, autocast=cuda,
+                          profile=args.profile and i == 0)
         except Exception as e:  # noqa: BLE001 - one failing row (OOM, missing kernel) must not lose the others
             traceback.print_exc()
             row = dict(name=run.name, run=asdict(run), error=f"{type(e).__name__}: {e}")
@@ -352,6 +379,14 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         rows.append(row)
         print(f"done: {run.name}: " + (row.get("error") or f"{row['step_ms']:.1f} ms/step"), file=sys.stderr)
+        if "profile" in row:
+            prof = row["profile"]
+            print(f"profile: {prof['gpu_kernel_ms_per_step']:.2f} ms of GPU kernels and "
+                  f"{prof['kernel_launches_per_step']:.0f} launches per step", file=sys.stderr)
+            for title in ("top_cuda", "top_cpu"):
+                print(f"  {title} (name, ms per step, calls per step):", file=sys.stderr)
+                for name, ms, calls in prof[title]:
+                    print(f"    {ms:9.3f} {calls:6d}  {name}", file=sys.stderr)
 
     ratios = _ratios(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)

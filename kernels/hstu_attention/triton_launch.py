@@ -8,6 +8,7 @@ between trials (``reset_to_zero``) because it accumulates into them with atomics
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -105,6 +106,24 @@ def _tiles(rows: int, block: int) -> int:
 
 
 _KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dkdv": hstu_dkdv_kernel}
+_PINNED: dict[str, triton.Config] = {}  # set only inside pinned(): benchmarks and tuning sweeps
+
+
+@contextlib.contextmanager
+def pinned(**configs: tuple[int, int, int, int]):
+    """Run kernels with exactly the given ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` inside the block,
+    bypassing the autotuner, e.g. ``with pinned(fwd=(128, 128, 8, 3)): ...`` (kinds ``fwd``, ``dq``,
+    ``dkdv``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
+    unknown = set(configs) - set(_KERNELS)
+    if unknown:
+        raise ValueError(f"pinned: unknown kernel kinds {sorted(unknown)}; kinds are {sorted(_KERNELS)}")
+    saved = dict(_PINNED)
+    _PINNED.update({kind: _config(*cfg) for kind, cfg in configs.items()})
+    try:
+        yield
+    finally:
+        _PINNED.clear()
+        _PINNED.update(saved)
 
 
 def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tuple, meta: dict) -> None:
@@ -122,8 +141,8 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
         return
     block_d = max(meta["BLOCK_DQK"], meta["BLOCK_DV"])
     heavy = bool(meta["HAS_POS"] or meta["HAS_TIME"])
-    if grid_rows < TUNE_FROM_LEN:
-        cfg = configs(kind, block_d, heavy)[-1]
+    if kind in _PINNED or grid_rows < TUNE_FROM_LEN:
+        cfg = _PINNED[kind] if kind in _PINNED else configs(kind, block_d, heavy)[-1]
         grid = (num_samples, num_heads, _tiles(grid_rows, cfg.kwargs[block]))
         _KERNELS[kind][grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return
