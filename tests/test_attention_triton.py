@@ -94,6 +94,9 @@ CASES = {
     "mixed-randomtypes-maxlen": ("mixed", "max_len", 2, 1, False, None, (2, 6), None),
     "mixed-targets-kv1": ("mixed", "length", 3, 1, True, (3, 7), (1, 32), "targets"),
     "causal-rows-none": ("causal", "none", 2, 2, True, None, None, "random"),
+    # a table wider than every sample: no pair is clamped, so position-gradient tiles of consecutive event
+    # positions take the diagonal-sum path of triton_common.pos_grad_add (tiles holding targets do not)
+    "causal-widetable-keys": ("causal", "keys", 2, 2, True, (2, 129), None, None),
     "full-kv1-keys-rows": ("full", "keys", 2, 1, False, (1, 5), None, "random"),
 }
 LENGTHS = [0, 17, 1, 40, 5, 16]

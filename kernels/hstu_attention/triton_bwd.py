@@ -28,7 +28,7 @@ from recfm.kernels.hstu_attention.triton_common import (
     key_ranges,
     key_tile,
     load_rows,
-    pos_bucket,
+    pos_grad_add,
     query_ranges,
     query_tile,
     scatter_add_grad,
@@ -146,7 +146,7 @@ def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, T
              D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
-             TIME_GRAD: tl.constexpr):
+             TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
     cols, col_ok, type_k, ts_k, tt_k, ev_k = key_tile(TYPE, TS, TT, POS, L, start_n, MASKED and MASK_MODE == 2,
                                                 MASKED and MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
     k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
@@ -165,7 +165,7 @@ def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, T
     if POS_GRAD or TIME_GRAD:
         valid = row_ok[:, None] & col_ok[None, :]
         if POS_GRAD:
-            scatter_add_grad(DPTAB, pos_bucket(ev_q[:, None], ev_k[None, :], P_HALF), ds, valid, FEW_BUCKETS)
+            pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, P_HALF, FEW_BUCKETS, BLOCK_M, BLOCK_N)
         if TIME_GRAD:
             scatter_add_grad(DTTAB, time_bucket(tt_q[:, None], tt_k[None, :], TBND, NUM_TB, inv_log2_base), ds,
                              valid, FEW_BUCKETS)
@@ -232,16 +232,16 @@ def hstu_dq_kernel(
             dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
                            DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False,
                            MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS,
-                           POS_GRAD, TIME_GRAD)
+                           POS_GRAD, TIME_GRAD, BLOCK_M)
         for start_n in range(free_end, masked_end, BLOCK_N):
             dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
                            DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
                            MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS,
-                           POS_GRAD, TIME_GRAD)
+                           POS_GRAD, TIME_GRAD, BLOCK_M)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
                 dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
                                DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
                                True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                               FEW_BUCKETS, POS_GRAD, TIME_GRAD)
+                               FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M)
         store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)

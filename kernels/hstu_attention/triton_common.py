@@ -121,6 +121,40 @@ def scatter_add_grad(DTAB, bucket, ds, valid, FEW_BUCKETS: tl.constexpr):
 
 
 @triton.jit
+def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, P_HALF, FEW_BUCKETS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Position-bias gradient of a ``[BLOCK_M, BLOCK_N]`` query-major tile: ``DTAB[pos_bucket_ij] += ds_ij``.
+
+    Fast path: when the valid rows hold consecutive event positions (``ev_q_i = a + i``), so do the valid
+    columns (``ev_k_j = b + j``), and no pair of the tile is clamped, the bucket is ``a - b + P + i - j``: the
+    tile's bucket sums are its diagonal sums. One ``tl.gather`` lines the diagonals up as columns, one
+    column sum reduces them, and one vector atomic adds the ``BLOCK_M + BLOCK_N - 1`` sums (distinct cells).
+    This is the common case: histories, real-time runs and causal sequences. Other tiles (targets sharing
+    an event position, tiles across the clamp) take :func:`scatter_add_grad`."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    a = ev_q - rows
+    b = ev_k - cols
+    a_lo = tl.min(tl.where(row_ok, a, FAR), axis=0)
+    a_hi = tl.max(tl.where(row_ok, a, -FAR), axis=0)
+    b_lo = tl.min(tl.where(col_ok, b, FAR), axis=0)
+    b_hi = tl.max(tl.where(col_ok, b, -FAR), axis=0)
+    d = a_lo - b_lo
+    valid = row_ok[:, None] & col_ok[None, :]
+    fast = (a_lo == a_hi) & (b_lo == b_hi) & (d - (BLOCK_N - 1) >= -P_HALF) & (d + (BLOCK_M - 1) <= P_HALF)
+    if fast:
+        DIAG: tl.constexpr = 2 * BLOCK_M if BLOCK_M > BLOCK_N else 2 * BLOCK_N  # >= BLOCK_M + BLOCK_N - 1
+        k = tl.arange(0, DIAG)
+        j = rows[:, None] + (BLOCK_N - 1) - k[None, :]  # column of diagonal k in row i
+        on = (j >= 0) & (j < BLOCK_N)
+        lined = tl.gather(tl.where(valid, ds, 0.0), tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), axis=1)
+        sums = tl.sum(tl.where(on, lined, 0.0), axis=0)
+        tl.atomic_add(DTAB + (d - (BLOCK_N - 1) + P_HALF) + k, sums, mask=k < BLOCK_M + BLOCK_N - 1, sem="relaxed")
+    else:
+        scatter_add_grad(DTAB, pos_bucket(ev_q[:, None], ev_k[None, :], P_HALF), ds, valid, FEW_BUCKETS)
+
+
+@triton.jit
 def _tanh_approx(x):
     return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
                                      pack=1)
