@@ -15,7 +15,8 @@ negative.
 Evaluation: :meth:`RetrievalHead.topk` and :func:`full_ranks` scan the FULL corpus in chunks of items
 (``[M, chunk]`` scores at a time, never ``[M, num_items]``). Ranks are 1-based and *pessimistic*: an item
 scoring within ``tol`` of the target counts as ranked before it, so a collapsed model (every score equal)
-gets the worst rank, never a lucky one. :func:`hr_ndcg_at_k` turns ranks into HR@K and NDCG@K (one relevant
+gets the worst rank, never a lucky one. Optionally each query's own list of ids (its history) is removed
+from its candidates before ranking (``exclude_ids``). :func:`hr_ndcg_at_k` turns ranks into HR@K and NDCG@K (one relevant
 item: NDCG = 1 / log2(rank + 1) when rank <= K, else 0), averaged over queries, or over users first.
 """
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recfm.errors import ConfigError
+from recfm.errors import ConfigError, RecfmError
 from recfm.foundation.model.config import Negatives
 
 
@@ -131,9 +132,12 @@ class RetrievalHead(nn.Module):
         return topk_chunked(self.query(h), self.item_embeddings(), k, chunk_size)
 
     @torch.no_grad()
-    def ranks(self, h: torch.Tensor, target_ids: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
-        """``[M]`` pessimistic 1-based ranks of ``target_ids`` among all items (see :func:`full_ranks`)."""
-        return full_ranks(self.query(h), self.item_embeddings(), target_ids, chunk_size)
+    def ranks(self, h: torch.Tensor, target_ids: torch.Tensor, chunk_size: int = 65536,
+              exclude_ids: torch.Tensor | None = None, exclude_offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """``[M]`` pessimistic 1-based ranks of ``target_ids`` among all items, optionally without each query's
+        ``exclude_ids`` (jagged, ``exclude_offsets [M+1]``; see :func:`full_ranks`)."""
+        return full_ranks(self.query(h), self.item_embeddings(), target_ids, chunk_size,
+                          exclude_ids=exclude_ids, exclude_offsets=exclude_offsets)
 
 
 def topk_chunked(query: torch.Tensor, items: torch.Tensor, k: int, chunk_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,18 +155,42 @@ def topk_chunked(query: torch.Tensor, items: torch.Tensor, k: int, chunk_size: i
 
 
 def full_ranks(
-    query: torch.Tensor, items: torch.Tensor, target_ids: torch.Tensor, chunk_size: int = 65536, tol: float = 1e-6
+    query: torch.Tensor,
+    items: torch.Tensor,
+    target_ids: torch.Tensor,
+    chunk_size: int = 65536,
+    tol: float = 1e-6,
+    exclude_ids: torch.Tensor | None = None,
+    exclude_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1-based rank of each target among ALL items, ties counted pessimistically: ``[M]`` int64.
 
-    ``rank_i = 1 + #{j != target_i : score_ij >= score_i,target - tol}`` with ``score = query @ items.T``.
+    ``rank_i = 1 + #{j != target_i, j not excluded for i : score_ij >= score_i,target - tol}`` with
+    ``score = query @ items.T``.
+
+    Args:
+        exclude_ids: optional ``[E]`` item ids removed from query ``i``'s candidates, jagged by
+            ``exclude_offsets [M+1]`` (e.g. the items of the user's input history, as in the published
+            HSTU / SASRec full-ranking evaluations). Duplicates are fine. The target itself is never removed.
     """
     target_score = (query * items[target_ids]).sum(-1, keepdim=True)  # [M, 1]
     ahead = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+    if exclude_ids is not None:
+        if exclude_offsets is None or exclude_offsets.numel() != query.shape[0] + 1:
+            raise RecfmError("full_ranks: exclude_offsets must be [M+1] when exclude_ids is given")
+        lengths = exclude_offsets[1:] - exclude_offsets[:-1]
+        exclude_rows = torch.repeat_interleave(torch.arange(query.shape[0], device=query.device), lengths,
+                                               output_size=exclude_ids.numel())  # [E] query of each excluded id
     for start in range(0, items.shape[0], chunk_size):
-        scores = query @ items[start : start + chunk_size].T
+        scores = query @ items[start : start + chunk_size].T  # [M, chunk]
         ids = torch.arange(start, start + scores.shape[1], device=query.device)
-        ahead += ((scores >= target_score - tol) & (ids[None, :] != target_ids[:, None])).sum(1)
+        counted = (scores >= target_score - tol) & (ids[None, :] != target_ids[:, None])
+        if exclude_ids is not None:
+            inside = (exclude_ids >= start) & (exclude_ids < start + scores.shape[1])
+            removed = torch.zeros_like(counted)
+            removed[exclude_rows[inside], exclude_ids[inside] - start] = True
+            counted &= ~removed
+        ahead += counted.sum(1)
     return ahead + 1
 
 

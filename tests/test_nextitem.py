@@ -160,6 +160,19 @@ def test_full_corpus_ranks_and_metrics_match_a_hand_computation_with_ties():
     assert rank_metrics(torch.tensor([1, 2, 11]), ks=(2,)) == pytest.approx({"hr@2": 2 / 3, "ndcg@2": (1 + 1 / math.log2(3)) / 3})
 
 
+def test_history_exclusion_removes_the_input_items_but_never_the_target():
+    angles = torch.arange(60, dtype=torch.float64) * 0.05
+    table = torch.stack([angles.cos(), angles.sin()], 1).float()
+    table[59] = table[5]
+    split = _split([np.array([0]), np.array([3, 0]), np.array([0]), np.array([0])], np.array([12, 5, 0, 55]))
+    metrics, ranks = evaluate(LastItemModel(table), split, batch_users=3, chunk=7, autocast=False, exclude_history=True)
+    # as in the test above, minus the input items ahead of the target: user 1 loses item 0 (14 -> 13), user 2
+    # loses items 3 and 0 (7 -> 5), user 3's target is its own input item and stays (1), user 4 loses 0 (57 -> 56)
+    assert rows(ranks) == [13, 5, 1, 56]
+    ndcg = [1 / math.log2(r + 1) for r in (13, 5, 1, 56)]
+    assert metrics["hr@10"] == 2 / 4 and metrics["ndcg@10"] == pytest.approx((ndcg[1] + ndcg[2]) / 4, abs=1e-12)
+
+
 def test_a_collapsed_model_gets_the_worst_rank():
     split = _split([np.array([0]), np.array([1])], np.array([2, 3]))
     _, ranks = evaluate(LastItemModel(torch.ones(30, 4)), split, batch_users=8, chunk=65536, autocast=False)

@@ -3,9 +3,17 @@
 ::
 
     x         = Dropout(item_emb * sqrt(d) + pos_emb[p])      p: 0 = the oldest token kept     [N, d]
-    block b:  x = x + Dropout(MHA_causal(LN(x)))               torch scaled_dot_product_attention
-              x = x + Dropout(W2 Dropout(GELU(W1 LN(x))))      point-wise feed-forward
-    out       = LN(x)                                                                           [N, d]
+    block b, layout "pre_ln" (default):
+              x = x + Dropout(MHA_causal(LN(x)))               torch scaled_dot_product_attention
+              x = x + Dropout(W2 Dropout(act(W1 LN(x))))       point-wise feed-forward
+    block b, layout "kang" (Kang & McAuley's layout, also the HSTU repository's SASRec):
+              q = LN(x);  x = LN(q + MHA_causal(query=q, keys=values=x))   residual on the normalised query
+              x = x + Dropout(W2 Dropout(act(W1 x)))
+    out       = LN(x) if final_norm else x                                                     [N, d]
+
+``activation`` is ``gelu`` or ``relu`` (the original's). ``init: xavier`` draws every weight matrix of the
+blocks xavier-normal and the positions from a normal of std ``1/sqrt(d)`` truncated at 2 std (the HSTU
+repository's SASRec); ``init: torch`` keeps torch's Linear defaults and positions of std 0.02.
 
 The encoder takes the same jagged layout as :class:`recfm.foundation.model.backbone.Backbone`
 (``x [N, d_model]``, offsets ``[B+1]`` int64, ``max_len`` host int) and returns ``[N, d_model]``, so the
@@ -32,6 +40,11 @@ from recfm.errors import ConfigError, RecfmError
 from recfm.foundation.model.bias import sample_ids
 
 
+LAYOUTS = ("pre_ln", "kang")
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+INITS = ("torch", "xavier")
+
+
 @dataclass(frozen=True)
 class SASRecConfig:
     """Shape of the SASRec encoder; ``ffn_dim = 0`` means ``d_model`` (the original SASRec)."""
@@ -43,6 +56,10 @@ class SASRecConfig:
     dropout: float = 0.2  # embeddings, attention weights, residual branches, feed-forward
     max_len: int = 200  # rows of the absolute position table
     norm_eps: float = 1e-8
+    layout: str = "pre_ln"  # pre_ln | kang (module docstring)
+    activation: str = "gelu"  # gelu | relu
+    final_norm: bool = True  # LayerNorm on the output (off: the head's L2 normalisation only)
+    init: str = "torch"  # torch | xavier (module docstring)
 
     def __post_init__(self):
         problems = []
@@ -57,34 +74,48 @@ class SASRecConfig:
             problems.append(f"sasrec.num_heads: must divide d_model={self.d_model}, got {self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"sasrec.dropout: must be in [0, 1), got {self.dropout}")
+        for name, allowed in (("layout", LAYOUTS), ("activation", tuple(ACTIVATIONS)), ("init", INITS)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"sasrec.{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if problems:
             raise ConfigError(problems)
 
 
 class SASRecBlock(nn.Module):
-    """Pre-LayerNorm causal self-attention + feed-forward on a padded block ``[B, L, d]``."""
+    """Causal self-attention + feed-forward on a padded block ``[B, L, d]`` (layout: module docstring)."""
 
     def __init__(self, c: SASRecConfig):
         super().__init__()
-        self.num_heads, self.p = c.num_heads, c.dropout
+        self.num_heads, self.p, self.kang = c.num_heads, c.dropout, c.layout == "kang"
         self.norm_attn = nn.LayerNorm(c.d_model, eps=c.norm_eps)
         self.qkv = nn.Linear(c.d_model, 3 * c.d_model)
         self.out = nn.Linear(c.d_model, c.d_model)
         self.norm_ffn = nn.LayerNorm(c.d_model, eps=c.norm_eps)
         hidden = c.ffn_dim or c.d_model
         self.ffn = nn.Sequential(
-            nn.Linear(c.d_model, hidden), nn.GELU(), nn.Dropout(c.dropout), nn.Linear(hidden, c.d_model)
+            nn.Linear(c.d_model, hidden), ACTIVATIONS[c.activation](), nn.Dropout(c.dropout), nn.Linear(hidden, c.d_model)
         )
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, length, d = x.shape
-        q, k, v = self.qkv(self.norm_attn(x)).view(b, length, 3, self.num_heads, d // self.num_heads).unbind(2)
+        shape = (b, length, self.num_heads, d // self.num_heads)
+        normed = self.norm_attn(x)
+        if self.kang:  # query from LN(x), keys and values from x itself
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(normed, w[:d], bias[:d]).view(shape)
+            k, v = F.linear(x, w[d:], bias[d:]).view(b, length, 2, *shape[2:]).unbind(2)
+        else:
+            q, k, v = self.qkv(normed).view(b, length, 3, *shape[2:]).unbind(2)
         attn = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             dropout_p=self.p if self.training else 0.0, is_causal=True,
         )  # [B, h, L, d/h]
-        x = x + self.dropout(self.out(attn.transpose(1, 2).reshape(b, length, d)))
+        attn = self.out(attn.transpose(1, 2).reshape(b, length, d))
+        if self.kang:
+            x = self.norm_ffn(normed + attn)
+            return x + self.dropout(self.ffn(x))
+        x = x + self.dropout(attn)
         return x + self.dropout(self.ffn(self.norm_ffn(x)))
 
 
@@ -101,10 +132,19 @@ class SASRec(nn.Module):
         super().__init__()
         self.config = config
         self.positions = nn.Embedding(config.max_len, config.d_model)
-        nn.init.normal_(self.positions.weight, std=0.02)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_blocks))
-        self.norm_out = nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        self.norm_out = nn.LayerNorm(config.d_model, eps=config.norm_eps) if config.final_norm else nn.Identity()
+        if config.init == "xavier":
+            std = config.d_model ** -0.5
+            nn.init.trunc_normal_(self.positions.weight, std=std, a=-2 * std, b=2 * std)
+            for block in self.blocks:
+                for m in block.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.xavier_normal_(m.weight)
+                        nn.init.zeros_(m.bias)
+        else:
+            nn.init.normal_(self.positions.weight, std=0.02)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
         """Encode jagged item embeddings.

@@ -155,7 +155,7 @@ def train_seed(cfg: NextItemConfig, data: NextItemData, seed: int, device: torch
             if time.perf_counter() - start > budget:
                 stopped_by = "max_minutes"
                 break
-        valid, _ = evaluate(model, data.valid, t.eval_batch_size, t.eval_chunk, autocast)
+        valid, _ = evaluate(model, data.valid, t.eval_batch_size, t.eval_chunk, autocast, t.exclude_history)
         mean_loss = float(loss_sum) / max(1, s + 1) if steps else float("nan")
         history.append({"epoch": epoch, "loss": mean_loss, "valid": valid,
                         "seconds": round(time.perf_counter() - start, 2)})
@@ -176,7 +176,7 @@ def train_seed(cfg: NextItemConfig, data: NextItemData, seed: int, device: torch
     bar.close()
     train_seconds = time.perf_counter() - start
     model.load_state_dict(best_state)
-    test, _ = evaluate(model, data.test, t.eval_batch_size, t.eval_chunk, autocast)
+    test, _ = evaluate(model, data.test, t.eval_batch_size, t.eval_chunk, autocast, t.exclude_history)
     return {"seed": seed, "best_epoch": best_epoch, "epochs": len(history), "steps": step_count,
             "stopped_by": stopped_by, "train_seconds": round(train_seconds, 2), "valid": best_valid, "test": test,
             "history": history}

@@ -74,6 +74,7 @@ class TrainSection:
     max_minutes: float | None = None  # wall-clock budget per seed for training (evaluation of test excluded)
     eval_batch_size: int = 512  # users per evaluation step
     eval_chunk: int = 65536  # items scored at a time in full-corpus ranking
+    exclude_history: bool = False  # rank without the user's input items (the published HSTU/S3Rec protocol)
     bf16: bool = True  # autocast on CUDA (ignored on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint: bool = True  # write the best weights with recfm.recipes.checkpoint (when `out` is set)

@@ -8,8 +8,10 @@
     -> h [N, d] -> RetrievalHead (shared item table, L2-normalised, temperature, sampled softmax)
 
 Evaluation ranks each user's held-out item among ALL ``num_items`` items (rows of the table) from the output
-at the user's last input token. The user's own history items are NOT excluded (as in the published
-HSTU / SASRec full-ranking numbers). Ties are pessimistic (:func:`recfm.heads.retrieval.full_ranks`): an
+at the user's last input token. With ``train.exclude_history`` (the published protocol: the HSTU
+repository's research evaluation filters each user's input history from the top-k, ``filter_invalid_ids``;
+S3Rec zeroes the training items' scores) the items of the user's input -- its most recent ``max_len`` items --
+are removed from the candidates (the target never is); without it every item competes. Ties are pessimistic (:func:`recfm.heads.retrieval.full_ranks`): an
 item whose score is within 1e-6 of the target's counts as ranked ahead of it, so a collapsed model gets the
 worst rank. Metrics: HR@K = share of users with rank <= K; NDCG@K = mean of ``1 / log2(rank + 1)`` over
 users with rank <= K (0 otherwise) -- one relevant item per user.
@@ -83,11 +85,14 @@ def rank_metrics(ranks: torch.Tensor, ks=KS) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: NextItemModel, split: Split, batch_users: int, chunk: int, autocast: bool) -> tuple[dict, torch.Tensor]:
+def evaluate(model: NextItemModel, split: Split, batch_users: int, chunk: int, autocast: bool,
+             exclude_history: bool = False) -> tuple[dict, torch.Tensor]:
     """Rank every user's held-out item of ``split`` (valid or test) over the full corpus.
 
     Users are taken in order in batches of ``batch_users`` (each batch is a contiguous slice of the split's
-    tokens); the encoder runs under bf16 autocast when ``autocast``; scores are fp32.
+    tokens); the encoder runs under bf16 autocast when ``autocast``; scores are fp32. With
+    ``exclude_history`` the items of the user's input (its most recent ``max_len`` items) are removed from
+    the candidates, except the target itself (``train.exclude_history``; module docstring).
 
     Returns:
         ``(metrics, ranks [U])``.
@@ -102,7 +107,8 @@ def evaluate(model: NextItemModel, split: Split, batch_users: int, chunk: int, a
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             h = model.encode(batch, token_positions(batch))
         last = h[batch.offsets[1:] - 1].float()  # [B, d] output at each user's last input token
-        ranks.append(model.head.ranks(last, split.targets[batch.users], chunk_size=chunk))
+        exclude = dict(exclude_ids=batch.ids, exclude_offsets=batch.offsets) if exclude_history else {}
+        ranks.append(model.head.ranks(last, split.targets[batch.users], chunk_size=chunk, **exclude))
     model.train(was_training)
     all_ranks = torch.cat(ranks)
     return rank_metrics(all_ranks), all_ranks
