@@ -308,3 +308,20 @@ def test_hstu_dense_attention_trains_exactly_like_the_reference():
         runs.append(train_seed(cfg, data, 0, torch.device("cpu"), None))
     assert [h["loss"] for h in runs[0]["history"]] == pytest.approx([h["loss"] for h in runs[1]["history"]], rel=1e-4)
     assert runs[0]["test"] == pytest.approx(runs[1]["test"], abs=1e-6)
+
+
+def test_hstu_absolute_positions_are_added_to_the_scaled_input():
+    cfg = tiny_config("hstu")
+    cfg = dataclasses.replace(cfg, embedding=dataclasses.replace(cfg.embedding, positions=8))
+    torch.manual_seed(0)
+    model = NextItemModel(cfg, 50).eval()
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    batch = gather_batch(pattern_data().train, np.array([0, 1]))
+    model.encode(batch, None)
+    pos = torch.cat([torch.arange(n) for n in np.diff(batch.offsets.numpy())])
+    expected = model.items(batch.ids) * math.sqrt(32) + model.positions.weight[pos]
+    torch.testing.assert_close(seen[0], expected)
+    assert model.positions.weight.abs().max() <= 2 / math.sqrt(32)
+    with pytest.raises(ConfigError, match="embedding.positions"):
+        load_nextitem_config(config_path("real", "ml-1m", "nextitem_hstu.yaml"), ["embedding.positions=100"])

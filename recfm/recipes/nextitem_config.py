@@ -58,6 +58,8 @@ class DataSection:
 @dataclass(frozen=True)
 class EmbeddingSection:
     dropout: float = 0.2  # on the input item embeddings (HSTU; SASRec uses sasrec.dropout)
+    positions: int = 0  # HSTU: rows of a learned absolute position table added to the input (0: none; the
+    #                     HSTU repository adds one, std 1/sqrt(d), on top of its relative bias); >= data.max_len
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,8 @@ def _check(cfg: NextItemConfig, file: str) -> list[str]:
         p.append(f"{file}: train.betas: must be two numbers in [0, 1), got {list(t.betas)}")
     if t.warmup_steps < 0 or t.grad_clip < 0 or t.weight_decay < 0:
         p.append(f"{file}: train: warmup_steps, grad_clip and weight_decay must be >= 0")
+    if cfg.embedding.positions and cfg.embedding.positions < cfg.data.max_len:
+        p.append(f"{file}: embedding.positions: must be 0 or >= data.max_len={cfg.data.max_len}, got {cfg.embedding.positions}")
     if not 0.0 <= cfg.embedding.dropout < 1.0:
         p.append(f"{file}: embedding.dropout: must be in [0, 1), got {cfg.embedding.dropout}")
     if not cfg.seeds:

@@ -3,7 +3,7 @@
 ::
 
     ids [N] (item rows) --item table [num_items, d]--> x [N, d]
-        HSTU:   Dropout(x * sqrt(d)) -> Backbone(mask_mode="causal", all layers full; positions: its relative bias)
+        HSTU:   Dropout(x * sqrt(d) [+ pos[p] with embedding.positions]) -> Backbone(mask_mode="causal", all layers full; positions: its relative bias)
         SASRec: SASRec(x)             (learned absolute positions, softmax causal attention)
     -> h [N, d] -> RetrievalHead (shared item table, L2-normalised, temperature, sampled softmax)
 
@@ -50,6 +50,10 @@ class NextItemModel(nn.Module):
             self.encoder = SASRec(cfg.sasrec)
             self.use_time = False
         self.input_dropout = nn.Dropout(cfg.embedding.dropout)
+        self.positions = None
+        if cfg.model == "hstu" and cfg.embedding.positions:
+            self.positions = nn.Embedding(cfg.embedding.positions, d)
+            nn.init.trunc_normal_(self.positions.weight, std=d ** -0.5, a=-2 * d ** -0.5, b=2 * d ** -0.5)
         r = cfg.retrieval
         table = self.items if r.share_item_table else None
         self.head = RetrievalHead(d, num_items, d, item_table=table, temperature=r.temperature,
@@ -61,7 +65,10 @@ class NextItemModel(nn.Module):
         x = self.items(batch.ids)
         if self.kind == "sasrec":
             return self.encoder(x, batch.offsets, batch.max_len)
-        x = self.input_dropout(x * math.sqrt(x.shape[1]))
+        x = x * math.sqrt(x.shape[1])
+        if self.positions is not None:
+            x = x + self.positions(positions if positions is not None else token_positions(batch))
+        x = self.input_dropout(x)
         group = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         # validate=False: the batch comes from gather_batch over a checked split (no host sync per step)
         return self.encoder(x, batch.offsets, None, positions if self.use_time else None, group, batch.max_len,
