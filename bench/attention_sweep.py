@@ -23,12 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {  # name: (h, h_kv, d, mask)
-    "causal": (4, 4, 128, "causal"),
-    "causal-1kv": (4, 1, 128, "causal"),
-    "mixed": (4, 4, 128, "mixed"),
-    "targets": (4, 4, 128, "targets"),
-    "medium": (3, 3, 256, "mixed"),  # the medium preset's attention (3 heads x 256, bias tables)
+VARIANTS = {  # name: (h, h_kv, d, mask, bias tables kept: "pos,time" | "pos" | "time" | "")
+    "causal": (4, 4, 128, "causal", ""),
+    "causal-1kv": (4, 1, 128, "causal", ""),
+    "mixed": (4, 4, 128, "mixed", "pos,time"),
+    "mixed-nobias": (4, 4, 128, "mixed", ""),
+    "mixed-pos": (4, 4, 128, "mixed", "pos"),
+    "mixed-time": (4, 4, 128, "mixed", "time"),
+    "mixed-1kv": (4, 1, 128, "mixed", "pos,time"),
+    "targets": (4, 4, 128, "targets", "pos,time"),
+    "medium": (3, 3, 256, "mixed", "pos,time"),  # the medium preset's attention (3 heads x 256, bias tables)
 }
 LIGHT = {  # no bias tables
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
@@ -38,10 +42,10 @@ LIGHT = {  # no bias tables
     "dkdv": [(32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 64, 8, 3),
              (128, 64, 8, 2), (32, 64, 4, 3)],
 }
-HEAVY = {  # position + time bias tables (mixed, targets)
-    "fwd": [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
-    "dq": [(64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
-    "dkdv": [(32, 64, 8, 2), (16, 128, 8, 2), (16, 64, 8, 2), (32, 128, 8, 2)],
+HEAVY = {  # position and/or time bias tables (mixed, targets)
+    "fwd": [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+    "dq": [(32, 32, 4, 2), (64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)],
+    "dkdv": [(32, 128, 8, 2), (32, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3)],
 }
 
 
@@ -53,8 +57,8 @@ HEAVY_256 = {
 
 
 def candidates(variant: str) -> dict:
-    _, _, d, mask = VARIANTS[variant]
-    if mask == "causal":
+    _, _, d, mask, tables = VARIANTS[variant]
+    if not tables:
         return LIGHT
     return HEAVY_256 if d > 128 else HEAVY
 
@@ -74,8 +78,11 @@ def make(variant: str, length: int, tokens: int):
 
     from bench.attention import allowed_pairs, make_batch
 
-    h, h_kv, d, mask = VARIANTS[variant]
+    h, h_kv, d, mask, tables = VARIANTS[variant]
     batch = make_batch(length, tokens // length, h, h_kv, d, mask, "cuda", torch.bfloat16)
+    for name in ("pos", "time"):
+        if name not in tables.split(","):
+            batch["kw"].pop(f"{name}_bias", None)
     return batch, 4.0 * d * allowed_pairs(batch, mask) * h
 
 
@@ -186,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         pin = {kind: cfg for kind, (cfg, _) in best.items()}
         from recfm.kernels.hstu_attention.triton_launch import pinned
 
-        h, h_kv, d, mask = VARIANTS[variant]
-        with pinned(**pin):
-            err = check_config(h, h_kv, d, mask, "cuda", torch.bfloat16, False)
+        h, h_kv, d, mask, tables = VARIANTS[variant]
+        with pinned(**pin):  # the check's batch has both tables for mixed masks: ablations are not checked
+            full_tables = tables == ("pos,time" if mask in ("mixed", "targets") else "")
+            err = check_config(h, h_kv, d, mask, "cuda", torch.bfloat16, False) if full_tables else None
             res = measure(attention_fn("triton", batch), batch, False)
         row = {"variant": variant, "impl": "triton", "pins": pin, "check_rel_err": err, **res,
                "fwd_tflops": flops / (res["fwd_ms"] * 1e-3) / 1e12,

@@ -69,23 +69,33 @@ def pos_bucket(ev_q, ev_k, P_HALF):
 def time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base):
     """Column of the time table: the number of boundaries ``<= |t_i - t_j|`` (exact).
 
-    A float estimate ``floor(log2(1 + dt) / log2(base))`` is off by at most one bucket near a boundary
-    (float32 error << one bucket for ``base >= ~1.001``); one comparison against the integer boundary on
-    each side makes it exact. ``TBND`` holds the ``NUM_TB - 1`` boundaries (the kernels pass int32 times
-    and boundaries, see triton_impl.relative_seconds; int64 works too, with gaps of at least the boundaries'
-    cap of 2^62 s in the last bucket).
+    Base 2 (``inv_log2_base == 1``, the default) with int32 times: the boundaries are ``2^k - 1``, so the
+    bucket is ``floor(log2(1 + dt))``, read off the float exponent of ``1 + dt`` and corrected by one shift
+    where the conversion rounded up to the next power of two: integer work only, no table reads.
+
+    Other bases: a float estimate ``floor(log2(1 + dt) / log2(base))`` is off by at most one bucket near a
+    boundary (float32 error << one bucket for ``base >= ~1.001``); one comparison against the integer
+    boundary on each side makes it exact. ``TBND`` holds the ``NUM_TB - 1`` boundaries (the kernels pass
+    int32 times and boundaries, see triton_impl.relative_seconds; int64 works too, with gaps of at least the
+    boundaries' cap of 2^62 s in the last bucket).
     """
     dt = tl.abs(ts_q - ts_k)
-    est = tl.floor(tl.log2(dt.to(tl.float32) + 1.0) * inv_log2_base).to(tl.int32)
-    est = tl.minimum(tl.maximum(est, 0), NUM_TB - 1)
-    can_up = est < NUM_TB - 1
-    up = tl.load(TBND + est, mask=can_up, other=0)
-    est = tl.where(can_up & (dt >= up), est + 1, est)
-    can_down = est > 0
-    down = tl.load(TBND + est - 1, mask=can_down, other=0)
-    est = tl.where(can_down & (dt < down), est - 1, est)
-    if dt.dtype == tl.int64:
-        est = tl.where(dt >= TIME_CAP, NUM_TB - 1, est)  # boundaries past the cap are the cap itself
+    if dt.dtype == tl.int32 and inv_log2_base == 1.0:
+        x = dt + 1  # >= 1; relative seconds are at most 2^31 - 2
+        est = ((x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        est = tl.where((x >> est) == 0, est - 1, est)
+        est = tl.minimum(est, NUM_TB - 1)
+    else:
+        est = tl.floor(tl.log2(dt.to(tl.float32) + 1.0) * inv_log2_base).to(tl.int32)
+        est = tl.minimum(tl.maximum(est, 0), NUM_TB - 1)
+        can_up = est < NUM_TB - 1
+        up = tl.load(TBND + est, mask=can_up, other=0)
+        est = tl.where(can_up & (dt >= up), est + 1, est)
+        can_down = est > 0
+        down = tl.load(TBND + est - 1, mask=can_down, other=0)
+        est = tl.where(can_down & (dt < down), est - 1, est)
+        if dt.dtype == tl.int64:
+            est = tl.where(dt >= TIME_CAP, NUM_TB - 1, est)  # boundaries past the cap are the cap itself
     return est
 
 
@@ -155,7 +165,8 @@ def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, P_HALF, FEW_BUCKETS: tl.c
 
 
 @triton.jit
-def _tanh_approx(x):
+def tanh_approx(x):
+    """``tanh`` by the hardware MUFU instruction (``tanh.approx.f32``; CUDA only)."""
     return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
                                      pack=1)
 
@@ -166,7 +177,7 @@ def silu_parts(s, FAST: tl.constexpr):
     ``0.5 + 0.5 tanh(s / 2)`` with the hardware tanh (one MUFU op instead of exp + reciprocal; relative
     error ~5e-4, below bf16/fp16 rounding)."""
     if FAST:
-        sig = 0.5 + 0.5 * _tanh_approx(0.5 * s)
+        sig = 0.5 + 0.5 * tanh_approx(0.5 * s)
     else:
         sig = tl.sigmoid(s)
     return s * sig, sig * (1.0 + s * (1.0 - sig))

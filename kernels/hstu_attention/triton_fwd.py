@@ -30,6 +30,7 @@ from recfm.kernels.hstu_attention.triton_common import (
     query_tile,
     silu_parts,
     store_rows,
+    tanh_approx,
 )
 
 
@@ -42,10 +43,18 @@ def _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, 
     cols, col_ok, type_k, ts_k, tt_k, ev_k = key_tile(TYPE, TS, TT, POS, L, start_n, MASKED and MASK_MODE == 2,
                                                 MASKED and MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
     k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
-    s = dot(q, tl.trans(k), None, DOT_PREC) * alpha
-    s = add_bias(s, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], PTAB, TTAB, TBND, P_HALF, NUM_TB,
-                 inv_log2_base, HAS_POS, HAS_TIME)
-    a, _ = silu_parts(s, FAST)
+    raw = dot(q, tl.trans(k), None, DOT_PREC)
+    if FAST:  # silu(s) = h + h tanh(h) with h = s / 2: one multiply, one MUFU tanh, one FMA per score
+        if HAS_POS or HAS_TIME:
+            h = 0.5 * add_bias(raw * alpha, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], PTAB, TTAB,
+                               TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
+        else:
+            h = raw * (0.5 * alpha)
+        a = h + h * tanh_approx(h)
+    else:
+        s = add_bias(raw * alpha, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], PTAB, TTAB, TBND,
+                     P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
+        a, _ = silu_parts(s, False)
     if MASKED:
         ok = allowed_tile(MASK_MODE, type_q[:, None], type_k[None, :], ts_q[:, None], ts_k[None, :],
                           pos_q[:, None], cols[None, :])
