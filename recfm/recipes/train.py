@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,12 +53,16 @@ class TrainingError(RecfmError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> this rank's CUDA device when there is one, else the CPU."""
-    if name != "auto":
+    """``auto`` -> this process's CUDA device when there is one, else the CPU; ``cuda`` (no index) -> this
+    process's CUDA device (``LOCAL_RANK`` under torchrun, else the global rank, modulo the device count);
+    anything else as ``torch.device`` reads it (``cuda:1``, ``cpu``)."""
+    if name not in ("auto", "cuda"):
         return torch.device(name)
     if torch.cuda.is_available():
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() if dist.is_initialized() else 0))
         return torch.device("cuda", rank % torch.cuda.device_count())
+    if name == "cuda":
+        raise RecfmError("train.device=cuda, but torch sees no CUDA device here (use auto or cpu)")
     return torch.device("cpu")
 
 
