@@ -69,6 +69,10 @@ class _Plan:
             BLOCK_DV=max(16, triton.next_power_of_2(self.d_v)),
         )
         self.keys_norm = norm is Normaliser.KEYS
+        # 16-bit inputs read the bias tables in their dtype: a 2-byte gather is a plain cached load, while a
+        # 4-byte one is turned by Triton's software pipeliner into per-element asynchronous copies through
+        # shared memory, which made every bias table cost ~5x the attention itself (H100, docs/kernels.md)
+        self.table_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
     def table_strides(self, pos_bias, time_bias) -> tuple[int, int]:
         """Row stride of each table for query head g (0 when one row is shared by all heads)."""
@@ -78,8 +82,8 @@ class _Plan:
 
     def tail(self, invn: torch.Tensor, pos_bias, time_bias) -> tuple:
         """Arguments shared by the three kernels after the tensors they differ in."""
-        ptab = pos_bias.contiguous() if pos_bias is not None else self.dummy_f
-        ttab = time_bias.contiguous() if time_bias is not None else self.dummy_f
+        ptab = pos_bias.to(self.table_dtype).contiguous() if pos_bias is not None else self.dummy_f
+        ttab = time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f
         t = self.tokens
         return (t.offsets, t.qoff, t.qtok, t.token_type, t.ranks, t.seconds, t.positions, ptab, ttab, t.bounds,
                 t.stats, invn, *self.table_strides(pos_bias, time_bias), *self.scalars)
