@@ -15,7 +15,7 @@
     backbone: {num_blocks: 2, layer: {d_model: 50, ...}}      # model: hstu  (a BackboneConfig)
     sasrec:   {d_model: 50, num_blocks: 2, ...}               # model: sasrec (a SASRecConfig)
     retrieval: {temperature: 0.05, num_negatives: 128, negatives: uniform}
-    train: {batch_size: 128, lr: 1.0e-3, max_epochs: 100, patience: 10, max_minutes: 1.5, ...}
+    train: {protocol: standard, batch_size: 128, lr: 1.0e-3, max_epochs: 100, patience: 10, max_minutes: 1.5, ...}
     seeds: [0, 1, 2]
     out: runs/nextitem/ml-1m-hstu
 
@@ -45,6 +45,13 @@ class Dataset(str, enum.Enum):
     SEQUENCES = "sequences"  # a text file, one user per line: `user item item ...`, oldest first
 
 
+class Protocol(str, enum.Enum):
+    """How a user's sequence is split and how training ends (:mod:`.nextitem_data`, :mod:`.nextitem`)."""
+
+    STANDARD = "standard"  # leave-one-out: last item test, one before valid; early stopping on valid NDCG@10
+    PUBLISHED = "published"  # the HSTU repository's: train on all but the last item, max_epochs, final weights
+
+
 @dataclass(frozen=True)
 class DataSection:
     dataset: Dataset = Dataset.ML_1M
@@ -64,6 +71,7 @@ class EmbeddingSection:
 
 @dataclass(frozen=True)
 class TrainSection:
+    protocol: Protocol = Protocol.STANDARD  # published: no validation split, no early stopping (patience ignored)
     batch_size: int = 128  # users per step
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -72,7 +80,7 @@ class TrainSection:
     grad_clip: float = 1.0  # max global grad norm (0: off)
     max_epochs: int = 100
     steps_per_epoch: int | None = None  # cap (smoke runs); null = one pass over the training users
-    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping (protocol: standard)
     max_minutes: float | None = None  # wall-clock budget per seed for training (evaluation of test excluded)
     eval_batch_size: int = 512  # users per evaluation step
     eval_chunk: int = 65536  # items scored at a time in full-corpus ranking

@@ -1,21 +1,27 @@
 """Next-item data: read user sequences, split leave-last-out, keep everything as (GPU) tensors, batch jagged.
 
-Protocol (per user, items in time order, ties in file order -- the readers of
+Protocols (``train.protocol``; per user, items in time order, ties in file order -- the readers of
 :mod:`recfm.foundation.data.real` guarantee it)::
 
-    items      i_1 i_2 ... i_{n-2} | i_{n-1} | i_n
-    train      inputs i_1..i_{n-3}, targets i_2..i_{n-2}   every position predicts its next item (causal)
-    valid      input  i_1..i_{n-2}, target i_{n-1}
-    test       input  i_1..i_{n-1}, target i_n
+    items        i_1 i_2 ... i_{n-2} | i_{n-1} | i_n
+    standard
+      train      inputs i_1..i_{n-3}, targets i_2..i_{n-2}   every position predicts its next item (causal)
+      valid      input  i_1..i_{n-2}, target i_{n-1}
+      test       input  i_1..i_{n-1}, target i_n
+    published    (the HSTU repository's research code)
+      train      inputs i_1..i_{n-2}, targets i_2..i_{n-1}   i_{n-1} is a training target
+      valid      none (``NextItemData.valid is None``)
+      test       input  i_1..i_{n-1}, target i_n               as in standard
 
-Every input keeps its most recent ``max_len`` items (train: the last ``max_len + 1`` items of the training
-prefix give ``max_len`` input/target pairs). Item ids ``1..num_items`` become rows ``0..num_items-1`` (row =
-id - 1), so the full corpus is the whole item table and no padding row exists.
+The last item is never a training target. Every input keeps its most recent ``max_len`` items (train: the
+last ``max_len + 1`` items of the training prefix give ``max_len`` input/target pairs). Item ids
+``1..num_items`` become rows ``0..num_items-1`` (row = id - 1), so the full corpus is the whole item table
+and no padding row exists.
 
 Bad input:
 
 * a sequence shorter than 3 items cannot give a train, a valid and a test item: skipped and counted
-  (``NextItemData.skipped_short``);
+  (``NextItemData.skipped_short``), in both protocols, so both rank the same users on test;
 * an item id outside ``1..num_items``: :class:`DataError` naming the user and the id;
 * a user id that appears twice (two sequences for one user): :class:`DataError` naming the user. The two
   are never merged -- nothing says how they interleave in time. (The file readers already reject it,
@@ -36,7 +42,7 @@ import torch
 
 from recfm.errors import DataError
 from recfm.foundation.data.real import beauty, ml1m, sequences
-from recfm.recipes.nextitem_config import DataSection, Dataset
+from recfm.recipes.nextitem_config import DataSection, Dataset, Protocol
 
 MIN_LENGTH = sequences.SHORT  # 3: a train, a valid and a test item
 
@@ -64,10 +70,10 @@ class Split:
 
 @dataclass(frozen=True)
 class NextItemData:
-    """The three splits of one dataset, plus counts for the report."""
+    """The splits of one dataset (``valid`` is ``None`` under the published protocol), plus counts for the report."""
 
     train: Split
-    valid: Split
+    valid: Split | None
     test: Split
     num_items: int
     users: int
@@ -76,7 +82,8 @@ class NextItemData:
     source: str
 
     def to(self, device: torch.device | str) -> NextItemData:
-        return NextItemData(self.train.to(device), self.valid.to(device), self.test.to(device), self.num_items,
+        valid = None if self.valid is None else self.valid.to(device)
+        return NextItemData(self.train.to(device), valid, self.test.to(device), self.num_items,
                             self.users, self.skipped_short, self.interactions, self.source)
 
     def summary(self) -> dict:
@@ -120,15 +127,17 @@ def _read_beauty(src: Path) -> tuple[sequences.SequenceLog, str]:
     raise DataError(f"{src}: none of {', '.join(beauty.SEQUENCE_FILES + beauty.REVIEW_FILES)} found (file not found)")
 
 
-def load_data(section: DataSection) -> NextItemData:
-    """Read ``section``'s dataset and split it (module docstring)."""
+def load_data(section: DataSection, protocol: Protocol = Protocol.STANDARD) -> NextItemData:
+    """Read ``section``'s dataset and split it by ``protocol`` (module docstring)."""
     users, seqs, source = read_log(section)
     if section.max_users is not None:
         users, seqs = users[: section.max_users], seqs[: section.max_users]
-    return from_sequences(users, seqs, max_len=section.max_len, num_items=section.num_items, source=source)
+    return from_sequences(users, seqs, max_len=section.max_len, num_items=section.num_items, source=source,
+                          protocol=protocol)
 
 
-def from_sequences(users, seqs, *, max_len: int, num_items: int | None = None, source: str = "<memory>") -> NextItemData:
+def from_sequences(users, seqs, *, max_len: int, num_items: int | None = None, source: str = "<memory>",
+                   protocol: Protocol = Protocol.STANDARD) -> NextItemData:
     """Split in-memory sequences (item ids ``>= 1``, oldest first) into train/valid/test (module docstring).
 
     Args:
@@ -136,6 +145,8 @@ def from_sequences(users, seqs, *, max_len: int, num_items: int | None = None, s
         seqs: item id sequences (lists or int arrays).
         max_len: most recent items kept per input.
         num_items: ids must be in ``1..num_items``; ``None`` = the largest id present.
+        protocol: ``standard`` holds out the last two items (valid, test); ``published`` only the last
+            (test), and returns ``valid=None``.
     """
     seen: set[int] = set()
     for u in users:
@@ -152,15 +163,19 @@ def from_sequences(users, seqs, *, max_len: int, num_items: int | None = None, s
     kept = [a - 1 for a in arrays if a.size >= MIN_LENGTH]  # rows = ids - 1
     if not kept:
         raise DataError(f"{source}: no sequence has {MIN_LENGTH} or more items")
+    protocol = Protocol(protocol)
+    held_out = 2 if protocol is Protocol.STANDARD else 1  # items at the end that are never training targets
     train_in, train_out, train_len = [], [], []
     for a in kept:
-        prefix = a[:-2][-(max_len + 1):]
+        prefix = a[:-held_out][-(max_len + 1):]
         if prefix.size >= 2:
             train_in.append(prefix[:-1])
             train_out.append(prefix[1:])
             train_len.append(prefix.size - 1)
     train = _split(train_in, np.concatenate(train_out) if train_out else np.zeros(0, np.int64), train_len)
-    valid = _split([a[:-2][-max_len:] for a in kept], np.array([a[-2] for a in kept], dtype=np.int64))
+    valid = None
+    if protocol is Protocol.STANDARD:
+        valid = _split([a[:-2][-max_len:] for a in kept], np.array([a[-2] for a in kept], dtype=np.int64))
     test = _split([a[:-1][-max_len:] for a in kept], np.array([a[-1] for a in kept], dtype=np.int64))
     return NextItemData(train, valid, test, int(num_items), len(kept), len(arrays) - len(kept),
                         int(sum(a.size for a in kept)), source)
