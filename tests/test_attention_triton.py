@@ -139,6 +139,38 @@ def test_triton_large_timestamps_and_gaps():
                      forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
 
 
+def tile_path_batch():
+    """Two samples whose 16-tiles (the interpreter's blocks) take every per-tile bias path of
+    ``triton_common.add_bias`` / ``pos_grad_add`` / ``time_grad_add``: with a 9-column position table
+    (clamp at 4), tiles past the clamp on both sides (H<->H is bidirectional under the mixed mask) and tiles
+    within it; with stamps ``p`` (tile 0), ``1008 + p`` (tile 1: gaps 1009-1039 to tile 0 straddle the
+    base-2 boundary 1023, and hit it), ``10^5 + p`` and ``10^7 + p`` (one bucket from tile 0 and 1), tiles
+    within one time bucket, across one boundary, and across several (the diagonal)."""
+    gen = torch.Generator().manual_seed(41)
+    base = torch.tensor([0, 1008, 10**5, 10**7])
+    stamps, types = [], []
+    for length, kinds in ((64, [H] * 64), (58, [H] * 48 + [R] * 6 + [T] * 4)):
+        pos = torch.arange(length)
+        stamps.append(base[(pos // 16).clamp(max=3)] + pos)
+        types.append(torch.tensor(kinds, dtype=torch.int8))
+    n = 64 + 58
+    q, k, v = (torch.randn(n, 2, 16, generator=gen) for _ in range(3))
+    offsets = torch.tensor([0, 64, n])
+    return [t.to(DEVICE) for t in (q, k, v, offsets, torch.cat(types), torch.cat(stamps))]
+
+
+@pytest.mark.parametrize("mode", ["full", "causal", "mixed"])
+@pytest.mark.parametrize("base", [2.0, 1.5])
+def test_bias_tile_paths(mode, base):
+    # a wrong scalar, select or clamp on any per-tile path changes the output or a table gradient
+    q, k, v, offsets, types, stamps = tile_path_batch()
+    kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
+              time_bucket_base=base)
+    tabs = (table(2, 9, 42), table(2, 32, 43))
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw),
+                     forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
+
+
 def test_stride_loops_cover_samples_longer_than_the_grid():
     # max_len only sizes the grid: with validate=False and a too-small max_len every tile is still computed
     q, k, v, offsets, types, stamps = make_batch([40, 3, 33], 2, 1, seed=38)

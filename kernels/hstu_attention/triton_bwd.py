@@ -24,22 +24,23 @@ import triton.language as tl
 from recfm.kernels.hstu_attention.triton_common import (
     add_bias,
     allowed_tile,
+    bias_spans,
     dot,
     key_ranges,
     key_tile,
+    lo_hi,
     load_rows,
     pos_grad_add,
     query_ranges,
     query_tile,
-    scatter_add_grad,
     silu_parts,
     store_rows,
-    time_bucket,
+    time_grad_add,
 )
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, Q, DO, INVN, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
+def _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, Q, DO, INVN, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
                seq_start, q_len, L, start_m, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base,
                H: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
                MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
@@ -51,8 +52,10 @@ def _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, Q, DO, INVN, QTOK, 
     q = load_rows(Q, rows, row_ok, H * D_QK, D_QK, BLOCK_DQK)
     do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
     st = dot(k, tl.trans(q), None, DOT_PREC) * alpha  # [BLOCK_N, BLOCK_M]
-    st = add_bias(st, ev_q[None, :], ev_k[:, None], tt_q[None, :], tt_k[:, None], PTAB, TTAB, TBND, P_HALF,
-                  NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
+    e_lo, e_hi, b_lo, b_hi = bias_spans(ev_q, tt_q, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND, NUM_TB, inv_log2_base,
+                                        HAS_POS, HAS_TIME)  # e: the span of ev_k - ev_q
+    st = add_bias(st, ev_q[None, :], ev_k[:, None], tt_q[None, :], tt_k[:, None], -e_hi, -e_lo, b_lo, b_hi, PTAB,
+                  TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
     at, dat = silu_parts(st, FAST)
     if NORM == 0:
         at = at * (1.0 / L.to(tl.float32))
@@ -116,6 +119,8 @@ def hstu_dkdv_kernel(
                                                     MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
         k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
         v = load_rows(V, cols, col_ok, H_KV * D_V, D_V, BLOCK_DV)
+        evk_lo, evk_hi = lo_hi(ev_k)
+        ttk_lo, ttk_hi = lo_hi(tt_k)
         free_lo, free_hi, masked_lo, masked_hi = query_ranges(MASK_MODE, HAS_QIDX, k_start, q_len, STATS, b,
                                                               BLOCK_M, BLOCK_N)
         dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
@@ -127,12 +132,12 @@ def hstu_dkdv_kernel(
             ptab = PTAB + g * ptab_stride
             ttab = TTAB + g * ttab_stride
             for start_m in range(free_lo, free_hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, q_g, do_g, INVN, QTOK, TYPE, TS, TT, POS,
+                dk, dv = _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, q_g, do_g, INVN, QTOK, TYPE, TS, TT, POS,
                                     ptab, ttab, TBND, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
                                     NUM_TB, inv_log2_base, H, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
                                     HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV)
             for start_m in range(masked_lo, masked_hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, q_g, do_g, INVN, QTOK, TYPE, TS, TT, POS,
+                dk, dv = _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, q_g, do_g, INVN, QTOK, TYPE, TS, TT, POS,
                                     ptab, ttab, TBND, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
                                     NUM_TB, inv_log2_base, H, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
                                     HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV)
@@ -141,7 +146,7 @@ def hstu_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, DPTAB, DTTAB,
+def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, DPTAB, DTTAB,
              L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr,
              D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -152,8 +157,10 @@ def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, T
     k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
     v = load_rows(V, cols, col_ok, H_KV * D_V, D_V, BLOCK_DV)
     s = dot(q, tl.trans(k), None, DOT_PREC) * alpha
-    s = add_bias(s, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], PTAB, TTAB, TBND, P_HALF, NUM_TB,
-                 inv_log2_base, HAS_POS, HAS_TIME)
+    d_lo, d_hi, b_lo, b_hi = bias_spans(ev_k, tt_k, evq_lo, evq_hi, ttq_lo, ttq_hi, TBND, NUM_TB, inv_log2_base,
+                                        HAS_POS, HAS_TIME)
+    s = add_bias(s, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi, b_lo, b_hi, PTAB, TTAB,
+                 TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
     _, da = silu_parts(s, FAST)
     dp = dot(do, tl.trans(v), None, DOT_PREC)
     ds = dp * da * inv_n
@@ -165,10 +172,10 @@ def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, T
     if POS_GRAD or TIME_GRAD:
         valid = row_ok[:, None] & col_ok[None, :]
         if POS_GRAD:
-            pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, P_HALF, FEW_BUCKETS, BLOCK_M, BLOCK_N)
+            pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS, BLOCK_M, BLOCK_N)
         if TIME_GRAD:
-            scatter_add_grad(DTTAB, time_bucket(tt_q[:, None], tt_k[None, :], TBND, NUM_TB, inv_log2_base), ds,
-                             valid, FEW_BUCKETS)
+            time_grad_add(DTTAB, tt_q[:, None], tt_k[None, :], b_lo, b_hi, ds, valid, TBND, NUM_TB, inv_log2_base,
+                          FEW_BUCKETS)
     return dqa
 
 
@@ -225,22 +232,24 @@ def hstu_dq_kernel(
             inv_n = tl.load(INVN + rows, mask=row_ok, other=0.0)[:, None]
         else:
             inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + norm_const
+        evq_lo, evq_hi = lo_hi(ev_q)
+        ttq_lo, ttq_hi = lo_hi(tt_q)
         free_end, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b,
                                                               BLOCK_N)
         dqa = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
         for start_n in range(0, free_end, BLOCK_N):
-            dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
+            dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
                            DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False,
                            MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS,
                            POS_GRAD, TIME_GRAD, BLOCK_M)
         for start_n in range(free_end, masked_end, BLOCK_N):
-            dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
+            dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
                            DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
                            MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS,
                            POS_GRAD, TIME_GRAD, BLOCK_M)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
-                dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
+                dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
                                DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
                                True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV,
                                FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M)

@@ -100,14 +100,92 @@ def time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base):
 
 
 @triton.jit
-def add_bias(s, ev_q, ev_k, ts_q, ts_k, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
-             HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
-    """``s + pos_table[bucket] + time_table[bucket]`` (table pointers already at the head's row)."""
+def lo_hi(x):
+    """``(min, max)`` of a 1-d int32 tile (padding included: the spans below then cover every element the
+    tile computes, so no fast path reads a table out of range)."""
+    return tl.min(x, axis=0), tl.max(x, axis=0)
+
+
+@triton.jit
+def time_span(ttq_lo, ttq_hi, ttk_lo, ttk_hi, TBND, NUM_TB, inv_log2_base):
+    """Lowest and highest time bucket of a tile whose query / key relative seconds lie in ``[ttq_lo, ttq_hi]`` /
+    ``[ttk_lo, ttk_hi]`` (buckets grow with ``|dt|``, so every pair of the tile lies between the two)."""
+    d_lo = ttq_lo - ttk_hi
+    d_hi = ttq_hi - ttk_lo
+    a_lo = tl.where(d_lo > 0, d_lo, tl.where(d_hi < 0, -d_hi, 0))
+    a_hi = tl.maximum(d_hi, -d_lo)
+    return time_bucket(a_lo, 0, TBND, NUM_TB, inv_log2_base), time_bucket(a_hi, 0, TBND, NUM_TB, inv_log2_base)
+
+
+@triton.jit
+def bias_spans(ev_k, tt_k, evq_lo, evq_hi, ttq_lo, ttq_hi, TBND, NUM_TB, inv_log2_base, HAS_POS: tl.constexpr,
+               HAS_TIME: tl.constexpr):
+    """``(d_lo, d_hi, b_lo, b_hi)`` of a tile for :func:`add_bias`: the span of ``ev_q - ev_k`` and of the time
+    buckets, from the query side's precomputed extremes and the key tile's 1-d ``ev_k`` / ``tt_k`` (the
+    key-major kernel passes its sides the other way round and negates the position span)."""
+    d_lo = 0
+    d_hi = 0
+    b_lo = 0
+    b_hi = 0
     if HAS_POS:
-        s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
+        evk_lo, evk_hi = lo_hi(ev_k)
+        d_lo = evq_lo - evk_hi
+        d_hi = evq_hi - evk_lo
     if HAS_TIME:
-        s += tl.load(TTAB + time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base)).to(tl.float32)
+        ttk_lo, ttk_hi = lo_hi(tt_k)
+        b_lo, b_hi = time_span(ttq_lo, ttq_hi, ttk_lo, ttk_hi, TBND, NUM_TB, inv_log2_base)
+    return d_lo, d_hi, b_lo, b_hi
+
+
+@triton.jit
+def add_bias(s, ev_q, ev_k, ts_q, ts_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
+             HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
+    """``s + pos_table[bucket] + time_table[bucket]`` (table pointers already at the head's row).
+
+    The caller passes the tile's span of ``ev_q - ev_k`` (``[d_lo, d_hi]``) and of time buckets
+    (``[b_lo, b_hi]``, :func:`time_span`); per-score work is then only done where the tile needs it:
+
+    * position: a tile entirely past the clamp adds one scalar; one within ``[-P, P]`` indexes without the
+      clamp; only a tile across the clamp computes the full bucket;
+    * time: a tile within one bucket adds one scalar (far from the diagonal, most tiles); a tile across one
+      boundary selects between two scalars by one comparison; only wider tiles compute the bucket.
+    """
+    if HAS_POS:
+        if d_lo >= P_HALF:
+            s += tl.load(PTAB + 2 * P_HALF).to(tl.float32)
+        elif d_hi <= -P_HALF:
+            s += tl.load(PTAB).to(tl.float32)
+        elif (d_lo >= -P_HALF) & (d_hi <= P_HALF):
+            s += tl.load(PTAB + (ev_q - ev_k + P_HALF)).to(tl.float32)
+        else:
+            s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
+    if HAS_TIME:
+        if b_lo == b_hi:
+            s += tl.load(TTAB + b_lo).to(tl.float32)
+        elif b_hi == b_lo + 1:
+            low = tl.load(TTAB + b_lo).to(tl.float32)
+            high = tl.load(TTAB + b_hi).to(tl.float32)
+            s += tl.where(tl.abs(ts_q - ts_k) >= tl.load(TBND + b_lo), high, low)
+        else:
+            s += tl.load(TTAB + time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base)).to(tl.float32)
     return s
+
+
+@triton.jit
+def time_grad_add(DTAB, ts_q, ts_k, b_lo, b_hi, ds, valid, TBND, NUM_TB, inv_log2_base, FEW_BUCKETS: tl.constexpr):
+    """Time-bias gradient of a tile, ``DTAB[time_bucket_ij] += ds_ij`` over ``valid``, by the tile's bucket
+    span (:func:`add_bias`): one atomic within one bucket, two across one boundary, else
+    :func:`scatter_add_grad`."""
+    if b_lo == b_hi:
+        tl.atomic_add(DTAB + b_lo, tl.sum(tl.sum(tl.where(valid, ds, 0.0), axis=1), axis=0), sem="relaxed")
+    elif b_hi == b_lo + 1:
+        ds = tl.where(valid, ds, 0.0)
+        up = tl.abs(ts_q - ts_k) >= tl.load(TBND + b_lo)
+        high = tl.sum(tl.sum(tl.where(up, ds, 0.0), axis=1), axis=0)
+        tl.atomic_add(DTAB + b_hi, high, sem="relaxed")
+        tl.atomic_add(DTAB + b_lo, tl.sum(tl.sum(ds, axis=1), axis=0) - high, sem="relaxed")
+    else:
+        scatter_add_grad(DTAB, time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base), ds, valid, FEW_BUCKETS)
 
 
 @triton.jit
@@ -131,8 +209,8 @@ def scatter_add_grad(DTAB, bucket, ds, valid, FEW_BUCKETS: tl.constexpr):
 
 
 @triton.jit
-def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, P_HALF, FEW_BUCKETS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Position-bias gradient of a ``[BLOCK_M, BLOCK_N]`` query-major tile: ``DTAB[pos_bucket_ij] += ds_ij``.
 
     Fast path: when the valid rows hold consecutive event positions (``ev_q_i = a + i``), so do the valid
@@ -140,28 +218,33 @@ def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, P_HALF, FEW_BUCKETS: tl.c
     tile's bucket sums are its diagonal sums. One ``tl.gather`` lines the diagonals up as columns, one
     column sum reduces them, and one vector atomic adds the ``BLOCK_M + BLOCK_N - 1`` sums (distinct cells).
     This is the common case: histories, real-time runs and causal sequences. Other tiles (targets sharing
-    an event position, tiles across the clamp) take :func:`scatter_add_grad`."""
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    a = ev_q - rows
-    b = ev_k - cols
-    a_lo = tl.min(tl.where(row_ok, a, FAR), axis=0)
-    a_hi = tl.max(tl.where(row_ok, a, -FAR), axis=0)
-    b_lo = tl.min(tl.where(col_ok, b, FAR), axis=0)
-    b_hi = tl.max(tl.where(col_ok, b, -FAR), axis=0)
-    d = a_lo - b_lo
+    an event position, tiles across the clamp) take :func:`scatter_add_grad`; a tile entirely past the clamp
+    (``[d_lo, d_hi]``, the span of ``ev_q - ev_k`` as in :func:`add_bias`) adds its sum to one cell."""
     valid = row_ok[:, None] & col_ok[None, :]
-    fast = (a_lo == a_hi) & (b_lo == b_hi) & (d - (BLOCK_N - 1) >= -P_HALF) & (d + (BLOCK_M - 1) <= P_HALF)
-    if fast:
-        DIAG: tl.constexpr = 2 * BLOCK_M if BLOCK_M > BLOCK_N else 2 * BLOCK_N  # >= BLOCK_M + BLOCK_N - 1
-        k = tl.arange(0, DIAG)
-        j = rows[:, None] + (BLOCK_N - 1) - k[None, :]  # column of diagonal k in row i
-        on = (j >= 0) & (j < BLOCK_N)
-        lined = tl.gather(tl.where(valid, ds, 0.0), tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), axis=1)
-        sums = tl.sum(tl.where(on, lined, 0.0), axis=0)
-        tl.atomic_add(DTAB + (d - (BLOCK_N - 1) + P_HALF) + k, sums, mask=k < BLOCK_M + BLOCK_N - 1, sem="relaxed")
+    if (d_lo >= P_HALF) | (d_hi <= -P_HALF):
+        cell = tl.where(d_lo >= P_HALF, 2 * P_HALF, 0)
+        tl.atomic_add(DTAB + cell, tl.sum(tl.sum(tl.where(valid, ds, 0.0), axis=1), axis=0), sem="relaxed")
     else:
-        scatter_add_grad(DTAB, pos_bucket(ev_q[:, None], ev_k[None, :], P_HALF), ds, valid, FEW_BUCKETS)
+        rows = tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        a = ev_q - rows
+        b = ev_k - cols
+        a_lo = tl.min(tl.where(row_ok, a, FAR), axis=0)
+        a_hi = tl.max(tl.where(row_ok, a, -FAR), axis=0)
+        b_lo = tl.min(tl.where(col_ok, b, FAR), axis=0)
+        b_hi = tl.max(tl.where(col_ok, b, -FAR), axis=0)
+        d = a_lo - b_lo
+        fast = (a_lo == a_hi) & (b_lo == b_hi) & (d - (BLOCK_N - 1) >= -P_HALF) & (d + (BLOCK_M - 1) <= P_HALF)
+        if fast:
+            DIAG: tl.constexpr = 2 * BLOCK_M if BLOCK_M > BLOCK_N else 2 * BLOCK_N  # >= BLOCK_M + BLOCK_N - 1
+            k = tl.arange(0, DIAG)
+            j = rows[:, None] + (BLOCK_N - 1) - k[None, :]  # column of diagonal k in row i
+            on = (j >= 0) & (j < BLOCK_N)
+            lined = tl.gather(tl.where(valid, ds, 0.0), tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), axis=1)
+            sums = tl.sum(tl.where(on, lined, 0.0), axis=0)
+            tl.atomic_add(DTAB + (d - (BLOCK_N - 1) + P_HALF) + k, sums, mask=k < BLOCK_M + BLOCK_N - 1, sem="relaxed")
+        else:
+            scatter_add_grad(DTAB, pos_bucket(ev_q[:, None], ev_k[None, :], P_HALF), ds, valid, FEW_BUCKETS)
 
 
 @triton.jit

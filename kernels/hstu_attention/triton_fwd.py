@@ -26,16 +26,19 @@ from recfm.kernels.hstu_attention.triton_common import (
     dot,
     key_ranges,
     key_tile,
+    bias_spans,
+    lo_hi,
     load_rows,
     query_tile,
     silu_parts,
     store_rows,
     tanh_approx,
+    time_span,
 )
 
 
 @triton.jit
-def _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, L, start_n, alpha,
+def _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, L, start_n, alpha,
               P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
               MASKED: tl.constexpr, MASK_MODE: tl.constexpr, COUNT: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -44,16 +47,18 @@ def _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, 
                                                 MASKED and MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
     k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
     raw = dot(q, tl.trans(k), None, DOT_PREC)
+    d_lo, d_hi, b_lo, b_hi = bias_spans(ev_k, tt_k, evq_lo, evq_hi, ttq_lo, ttq_hi, TBND, NUM_TB, inv_log2_base,
+                                        HAS_POS, HAS_TIME)
     if FAST:  # silu(s) = h + h tanh(h) with h = s / 2: one multiply, one MUFU tanh, one FMA per score
         if HAS_POS or HAS_TIME:
-            h = 0.5 * add_bias(raw * alpha, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], PTAB, TTAB,
-                               TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
+            h = 0.5 * add_bias(raw * alpha, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi,
+                               b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
         else:
             h = raw * (0.5 * alpha)
         a = h + h * tanh_approx(h)
     else:
-        s = add_bias(raw * alpha, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], PTAB, TTAB, TBND,
-                     P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
+        s = add_bias(raw * alpha, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi, b_lo, b_hi,
+                     PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
         a, _ = silu_parts(s, False)
     if MASKED:
         ok = allowed_tile(MASK_MODE, type_q[:, None], type_k[None, :], ts_q[:, None], ts_k[None, :],
@@ -110,21 +115,23 @@ def hstu_fwd_kernel(
             QTOK, TYPE, TS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
             HAS_POS, BLOCK_M)
         q = load_rows(Q, rows, row_ok, H * D_QK, D_QK, BLOCK_DQK)
+        evq_lo, evq_hi = lo_hi(ev_q)
+        ttq_lo, ttq_hi = lo_hi(tt_q)
         free_end, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b,
                                                               BLOCK_N)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
         for start_n in range(0, free_end, BLOCK_N):
-            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, L,
+            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, L,
                                  start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False, MASK_MODE,
                                  COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         for start_n in range(free_end, masked_end, BLOCK_N):
-            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, L,
+            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, L,
                                  start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE,
                                  COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
-                acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
+                acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
                                      L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
                                      MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
                                      BLOCK_DV)
