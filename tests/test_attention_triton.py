@@ -27,8 +27,9 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 from recfm.errors import RecfmError  # noqa: E402
 from recfm.foundation.model.bias import time_bucket_boundaries, time_buckets  # noqa: E402
 from recfm.kernels.hstu_attention import hstu_attention  # noqa: E402
-from recfm.kernels.hstu_attention.triton_common import time_bucket  # noqa: E402
+from recfm.kernels.hstu_attention.triton_common import tile_span, time_bucket  # noqa: E402
 from recfm.kernels.hstu_attention.triton_launch import _interpreter_index_fix, interpreting  # noqa: E402
+from recfm.kernels.hstu_attention.triton_meta import chunk_extremes  # noqa: E402
 
 tl = triton.language
 
@@ -141,13 +142,14 @@ def test_triton_large_timestamps_and_gaps():
 
 def tile_path_batch():
     """Two samples whose 16-tiles (the interpreter's blocks) take every per-tile bias path of
-    ``triton_common.add_bias`` / ``pos_grad_add`` / ``time_grad_add``: with a 9-column position table
-    (clamp at 4), tiles past the clamp on both sides (H<->H is bidirectional under the mixed mask) and tiles
-    within it; with stamps ``p`` (tile 0), ``1008 + p`` (tile 1: gaps 1009-1039 to tile 0 straddle the
-    base-2 boundary 1023, and hit it), ``10^5 + p`` and ``10^7 + p`` (one bucket from tile 0 and 1), tiles
-    within one time bucket, across one boundary, and across several (the diagonal)."""
+    ``triton_common.add_bias`` / ``pos_grad_add`` / ``time_grad_add``. A 9-column position table clamps at 4:
+    tiles past the clamp on both sides (H<->H is bidirectional under the mixed mask) and tiles across it.
+    Stamps ``p`` (tile 0), ``1008 + p`` (tile 1: gaps 1009-1039 to tile 0 straddle the base-2 boundary 1023
+    and hit it), ``131039 + p`` (tile 2: gaps 131056-131086 to tile 0, past the clamp, straddle and hit
+    2^17 - 1; one bucket from tile 1) and ``10^7 + p`` (one bucket from all): tiles within one time bucket,
+    across one boundary (with and without a flat position bias), and across several (the diagonal)."""
     gen = torch.Generator().manual_seed(41)
-    base = torch.tensor([0, 1008, 10**5, 10**7])
+    base = torch.tensor([0, 1008, 131039, 10**7])
     stamps, types = [], []
     for length, kinds in ((64, [H] * 64), (58, [H] * 48 + [R] * 6 + [T] * 4)):
         pos = torch.arange(length)
@@ -254,6 +256,44 @@ def test_time_bucket_in_kernel_matches_integer_bucketing():
         tbnd32 = tbnd.clamp(max=2**31 - 1).to(torch.int32)
         _buckets_kernel[(dt.numel() // 128,)](small, out, tbnd32, num_tb, 1.0 / math.log2(base), BLOCK=128)
         assert out.long().tolist() == time_buckets(small.long(), num_tb, base).tolist(), base
+
+
+@triton.jit
+def _span_kernel(EXT, CH, STARTS, OUT, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    i = tl.program_id(1)
+    start = tl.load(STARTS + i)
+    lo_p, hi_p, lo_s, hi_s = tile_span(EXT, tl.load(CH + b), tl.load(CH + b + 1), start, BLOCK, True, True)
+    row = OUT + (b * tl.num_programs(1) + i) * 4
+    tl.store(row, lo_p)
+    tl.store(row + 1, hi_p)
+    tl.store(row + 2, lo_s)
+    tl.store(row + 3, hi_s)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_tile_span_reads_the_extremes_of_the_tiles_rows(block):
+    # the kernels' tile spans (chunk extremes combined over BLOCK / 16 chunks, rows past the sample end
+    # left out) equal min/max over the tile's rows
+    if interpreting():
+        _interpreter_index_fix()
+    gen = torch.Generator().manual_seed(7)
+    lengths = [70, 16, 1, 129, 33]
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    n = sum(lengths)
+    pos = torch.randint(0, 500, (n,), generator=gen, dtype=torch.int32)
+    sec = torch.randint(0, 2**31 - 2, (n,), generator=gen, dtype=torch.int32)
+    ext, chunks = chunk_extremes(offsets.to(DEVICE), pos.to(DEVICE), sec.to(DEVICE), n)
+    starts = torch.arange(0, max(lengths), block, dtype=torch.int32)
+    out = torch.zeros(len(lengths), starts.numel(), 4, dtype=torch.int32, device=DEVICE)
+    _span_kernel[(len(lengths), starts.numel())](ext, chunks, starts.to(DEVICE), out, BLOCK=block)
+    for b, length in enumerate(lengths):
+        for i, start in enumerate(starts.tolist()):
+            if start >= length:
+                continue
+            rows = slice(offsets[b] + start, offsets[b] + min(start + block, length))
+            want = [pos[rows].min(), pos[rows].max(), sec[rows].min(), sec[rows].max()]
+            assert out[b, i].tolist() == [int(x) for x in want], (b, start)
 
 
 def test_dense_matches_reference():

@@ -28,19 +28,19 @@ from recfm.kernels.hstu_attention.triton_common import (
     dot,
     key_ranges,
     key_tile,
-    lo_hi,
     load_rows,
     pos_grad_add,
     query_ranges,
     query_tile,
     silu_parts,
     store_rows,
+    tile_span,
     time_grad_add,
 )
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, Q, DO, INVN, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
+def _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, Q, DO, INVN, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, QEXT, qc0, qc1,
                seq_start, q_len, L, start_m, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base,
                H: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
                MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
@@ -52,9 +52,12 @@ def _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, evk_lo, evk_hi, ttk
     q = load_rows(Q, rows, row_ok, H * D_QK, D_QK, BLOCK_DQK)
     do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
     st = dot(k, tl.trans(q), None, DOT_PREC) * alpha  # [BLOCK_N, BLOCK_M]
-    e_lo, e_hi, b_lo, b_hi = bias_spans(ev_q, tt_q, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND, NUM_TB, inv_log2_base,
-                                        HAS_POS, HAS_TIME)  # e: the span of ev_k - ev_q
-    st = add_bias(st, ev_q[None, :], ev_k[:, None], tt_q[None, :], tt_k[:, None], -e_hi, -e_lo, b_lo, b_hi, PTAB,
+    d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
+    if HAS_POS or HAS_TIME:
+        evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, start_m, BLOCK_M, HAS_POS, HAS_TIME)
+        d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
+                                            NUM_TB, inv_log2_base, HAS_TIME)
+    st = add_bias(st, ev_q[None, :], ev_k[:, None], tt_q[None, :], tt_k[:, None], d_lo, d_hi, b_lo, b_hi, PTAB,
                   TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
     at, dat = silu_parts(st, FAST)
     if NORM == 0:
@@ -80,7 +83,7 @@ def _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, evk_lo, evk_hi, ttk
 
 @triton.jit
 def hstu_dkdv_kernel(
-    Q, K, V, DO, DK, DV, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN,
+    Q, K, V, DO, DK, DV, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT, QCH,
     ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, LEN_KEY,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
@@ -113,14 +116,21 @@ def hstu_dkdv_kernel(
     TS += seq_start
     TT += seq_start
     POS += seq_start
+    kc0, kc1, qc0, qc1 = 0, 0, 0, 0
+    if HAS_POS or HAS_TIME:
+        kc0 = tl.load(KCH + b)
+        kc1 = tl.load(KCH + b + 1)
+        qc0 = tl.load(QCH + b)
+        qc1 = tl.load(QCH + b + 1)
     for n in range(pid, tl.cdiv(L, BLOCK_N), n_prog):
         k_start = n * BLOCK_N
         cols, col_ok, type_k, ts_k, tt_k, ev_k = key_tile(TYPE, TS, TT, POS, L, k_start, MASK_MODE == 2,
                                                     MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
         k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
         v = load_rows(V, cols, col_ok, H_KV * D_V, D_V, BLOCK_DV)
-        evk_lo, evk_hi = lo_hi(ev_k)
-        ttk_lo, ttk_hi = lo_hi(tt_k)
+        evk_lo, evk_hi, ttk_lo, ttk_hi = 0, 0, 0, 0
+        if HAS_POS or HAS_TIME:
+            evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, k_start, BLOCK_N, HAS_POS, HAS_TIME)
         free_lo, free_hi, masked_lo, masked_hi = query_ranges(MASK_MODE, HAS_QIDX, k_start, q_len, STATS, b,
                                                               BLOCK_M, BLOCK_N)
         dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
@@ -133,12 +143,12 @@ def hstu_dkdv_kernel(
             ttab = TTAB + g * ttab_stride
             for start_m in range(free_lo, free_hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, q_g, do_g, INVN, QTOK, TYPE, TS, TT, POS,
-                                    ptab, ttab, TBND, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
+                                    ptab, ttab, TBND, QEXT, qc0, qc1, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
                                     NUM_TB, inv_log2_base, H, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
                                     HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV)
             for start_m in range(masked_lo, masked_hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, type_k, ts_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, q_g, do_g, INVN, QTOK, TYPE, TS, TT, POS,
-                                    ptab, ttab, TBND, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
+                                    ptab, ttab, TBND, QEXT, qc0, qc1, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
                                     NUM_TB, inv_log2_base, H, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
                                     HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV)
         store_rows(DK, cols, col_ok, dk * alpha, H_KV * D_QK, D_QK, BLOCK_DQK)
@@ -146,7 +156,7 @@ def hstu_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, DPTAB, DTTAB,
+def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB,
              L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr,
              D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -157,8 +167,11 @@ def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo,
     k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
     v = load_rows(V, cols, col_ok, H_KV * D_V, D_V, BLOCK_DV)
     s = dot(q, tl.trans(k), None, DOT_PREC) * alpha
-    d_lo, d_hi, b_lo, b_hi = bias_spans(ev_k, tt_k, evq_lo, evq_hi, ttq_lo, ttq_hi, TBND, NUM_TB, inv_log2_base,
-                                        HAS_POS, HAS_TIME)
+    d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
+    if HAS_POS or HAS_TIME:
+        evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, start_n, BLOCK_N, HAS_POS, HAS_TIME)
+        d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
+                                            NUM_TB, inv_log2_base, HAS_TIME)
     s = add_bias(s, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi, b_lo, b_hi, PTAB, TTAB,
                  TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
     _, da = silu_parts(s, FAST)
@@ -181,8 +194,8 @@ def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo,
 
 @triton.jit
 def hstu_dq_kernel(
-    Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN,
-    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, LEN_KEY,
+    Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, LEN_KEY,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
@@ -220,6 +233,12 @@ def hstu_dq_kernel(
     TTAB += g * ttab_stride
     DPTAB += g * ptab_stride
     DTTAB += g * ttab_stride
+    kc0, kc1, qc0, qc1 = 0, 0, 0, 0
+    if HAS_POS or HAS_TIME:
+        kc0 = tl.load(KCH + b)
+        kc1 = tl.load(KCH + b + 1)
+        qc0 = tl.load(QCH + b)
+        qc1 = tl.load(QCH + b + 1)
     for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
         rows, row_ok, pos_q, type_q, ts_q, tt_q, ev_q = query_tile(
             QTOK, TYPE, TS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
@@ -232,25 +251,26 @@ def hstu_dq_kernel(
             inv_n = tl.load(INVN + rows, mask=row_ok, other=0.0)[:, None]
         else:
             inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + norm_const
-        evq_lo, evq_hi = lo_hi(ev_q)
-        ttq_lo, ttq_hi = lo_hi(tt_q)
+        evq_lo, evq_hi, ttq_lo, ttq_hi = 0, 0, 0, 0
+        if HAS_POS or HAS_TIME:
+            evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, m * BLOCK_M, BLOCK_M, HAS_POS, HAS_TIME)
         free_end, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b,
                                                               BLOCK_N)
         dqa = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
         for start_n in range(0, free_end, BLOCK_N):
             dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
-                           DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False,
+                           KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False,
                            MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS,
                            POS_GRAD, TIME_GRAD, BLOCK_M)
         for start_n in range(free_end, masked_end, BLOCK_N):
             dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
-                           DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
+                           KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
                            MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS,
                            POS_GRAD, TIME_GRAD, BLOCK_M)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
                 dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
-                               DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
+                               KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
                                True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV,
                                FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M)
         store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)

@@ -31,6 +31,8 @@ NORM_CONST = 2
 NO_TYPE: tl.constexpr = tl.constexpr(3)  # loaded for key columns past the sample end
 TIME_CAP: tl.constexpr = tl.constexpr(2**62)  # bias.time_bucket_boundaries caps boundaries here
 FAR: tl.constexpr = tl.constexpr(1 << 30)  # "no such position" in min/max reductions
+INT_MAX: tl.constexpr = tl.constexpr(2**31 - 1)
+CHUNK: tl.constexpr = tl.constexpr(16)  # triton_meta.CHUNK
 
 
 @triton.jit
@@ -100,41 +102,49 @@ def time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base):
 
 
 @triton.jit
-def lo_hi(x):
-    """``(min, max)`` of a 1-d int32 tile (padding included: the spans below then cover every element the
-    tile computes, so no fast path reads a table out of range)."""
-    return tl.min(x, axis=0), tl.max(x, axis=0)
+def tile_span(EXT, c_first, c_end, start, BLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
+    """``(pos_lo, pos_hi, sec_lo, sec_hi)`` over rows ``start + [0, BLOCK)`` of a sample from its chunk extremes
+    (:func:`.triton_meta.chunk_extremes`; ``c_first``/``c_end`` its chunk range): scalar loads, no reduction.
+    Rows past the sample end are not included. Unneeded values are 0."""
+    c0 = c_first + start // CHUNK
+    pos_lo = 0
+    pos_hi = 0
+    sec_lo = 0
+    sec_hi = 0
+    if HAS_POS:
+        pos_lo = tl.load(EXT + c0 * 4)
+        pos_hi = tl.load(EXT + c0 * 4 + 1)
+    if HAS_TIME:
+        sec_lo = tl.load(EXT + c0 * 4 + 2)
+        sec_hi = tl.load(EXT + c0 * 4 + 3)
+    for c in tl.static_range(1, BLOCK // CHUNK):
+        ok = c0 + c < c_end
+        row = EXT + (c0 + c) * 4
+        if HAS_POS:
+            pos_lo = tl.minimum(pos_lo, tl.load(row, mask=ok, other=INT_MAX))
+            pos_hi = tl.maximum(pos_hi, tl.load(row + 1, mask=ok, other=-1))
+        if HAS_TIME:
+            sec_lo = tl.minimum(sec_lo, tl.load(row + 2, mask=ok, other=INT_MAX))
+            sec_hi = tl.maximum(sec_hi, tl.load(row + 3, mask=ok, other=-1))
+    return pos_lo, pos_hi, sec_lo, sec_hi
 
 
 @triton.jit
-def time_span(ttq_lo, ttq_hi, ttk_lo, ttk_hi, TBND, NUM_TB, inv_log2_base):
-    """Lowest and highest time bucket of a tile whose query / key relative seconds lie in ``[ttq_lo, ttq_hi]`` /
-    ``[ttk_lo, ttk_hi]`` (buckets grow with ``|dt|``, so every pair of the tile lies between the two)."""
-    d_lo = ttq_lo - ttk_hi
-    d_hi = ttq_hi - ttk_lo
-    a_lo = tl.where(d_lo > 0, d_lo, tl.where(d_hi < 0, -d_hi, 0))
-    a_hi = tl.maximum(d_hi, -d_lo)
-    return time_bucket(a_lo, 0, TBND, NUM_TB, inv_log2_base), time_bucket(a_hi, 0, TBND, NUM_TB, inv_log2_base)
-
-
-@triton.jit
-def bias_spans(ev_k, tt_k, evq_lo, evq_hi, ttq_lo, ttq_hi, TBND, NUM_TB, inv_log2_base, HAS_POS: tl.constexpr,
+def bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND, NUM_TB, inv_log2_base,
                HAS_TIME: tl.constexpr):
     """``(d_lo, d_hi, b_lo, b_hi)`` of a tile for :func:`add_bias`: the span of ``ev_q - ev_k`` and of the time
-    buckets, from the query side's precomputed extremes and the key tile's 1-d ``ev_k`` / ``tt_k`` (the
-    key-major kernel passes its sides the other way round and negates the position span)."""
-    d_lo = 0
-    d_hi = 0
+    buckets, from the query rows' and key columns' :func:`tile_span`. Buckets grow with ``|dt|``, so every
+    pair of the tile lies between the buckets of the smallest and largest possible gap."""
     b_lo = 0
     b_hi = 0
-    if HAS_POS:
-        evk_lo, evk_hi = lo_hi(ev_k)
-        d_lo = evq_lo - evk_hi
-        d_hi = evq_hi - evk_lo
     if HAS_TIME:
-        ttk_lo, ttk_hi = lo_hi(tt_k)
-        b_lo, b_hi = time_span(ttq_lo, ttq_hi, ttk_lo, ttk_hi, TBND, NUM_TB, inv_log2_base)
-    return d_lo, d_hi, b_lo, b_hi
+        t_lo = ttq_lo - ttk_hi
+        t_hi = ttq_hi - ttk_lo
+        a_lo = tl.where(t_lo > 0, t_lo, tl.where(t_hi < 0, -t_hi, 0))
+        a_hi = tl.maximum(t_hi, -t_lo)
+        b_lo = time_bucket(a_lo, 0, TBND, NUM_TB, inv_log2_base)
+        b_hi = time_bucket(a_hi, 0, TBND, NUM_TB, inv_log2_base)
+    return evq_lo - evk_hi, evq_hi - evk_lo, b_lo, b_hi
 
 
 @triton.jit
@@ -142,31 +152,29 @@ def add_bias(s, ev_q, ev_k, ts_q, ts_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND
              HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
     """``s + pos_table[bucket] + time_table[bucket]`` (table pointers already at the head's row).
 
-    The caller passes the tile's span of ``ev_q - ev_k`` (``[d_lo, d_hi]``) and of time buckets
-    (``[b_lo, b_hi]``, :func:`time_span`); per-score work is then only done where the tile needs it:
-
-    * position: a tile entirely past the clamp adds one scalar; one within ``[-P, P]`` indexes without the
-      clamp; only a tile across the clamp computes the full bucket;
-    * time: a tile within one bucket adds one scalar (far from the diagonal, most tiles); a tile across one
-      boundary selects between two scalars by one comparison; only wider tiles compute the bucket.
+    ``[d_lo, d_hi]`` spans ``ev_q - ev_k`` over the tile and ``[b_lo, b_hi]`` its time buckets
+    (:func:`bias_spans`). Most tiles lie entirely past the position clamp and within one time bucket or
+    across one boundary (all but those near the diagonal): they add a scalar and select between two
+    scalars by one comparison, with no per-score table read. Other tiles compute both buckets per score.
     """
-    if HAS_POS:
-        if d_lo >= P_HALF:
-            s += tl.load(PTAB + 2 * P_HALF).to(tl.float32)
-        elif d_hi <= -P_HALF:
-            s += tl.load(PTAB).to(tl.float32)
-        elif (d_lo >= -P_HALF) & (d_hi <= P_HALF):
-            s += tl.load(PTAB + (ev_q - ev_k + P_HALF)).to(tl.float32)
-        else:
-            s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
-    if HAS_TIME:
-        if b_lo == b_hi:
-            s += tl.load(TTAB + b_lo).to(tl.float32)
-        elif b_hi == b_lo + 1:
+    if HAS_POS and HAS_TIME:
+        flat = ((d_lo >= P_HALF) | (d_hi <= -P_HALF)) & (b_hi - b_lo <= 1)
+    elif HAS_POS:
+        flat = (d_lo >= P_HALF) | (d_hi <= -P_HALF)
+    else:
+        flat = b_hi - b_lo <= 1
+    if flat:
+        if HAS_POS:
+            s += tl.load(PTAB + tl.where(d_lo >= P_HALF, 2 * P_HALF, 0)).to(tl.float32)
+        if HAS_TIME:
             low = tl.load(TTAB + b_lo).to(tl.float32)
             high = tl.load(TTAB + b_hi).to(tl.float32)
-            s += tl.where(tl.abs(ts_q - ts_k) >= tl.load(TBND + b_lo), high, low)
-        else:
+            bound = tl.load(TBND + b_lo, mask=b_hi > b_lo, other=INT_MAX)
+            s += tl.where(tl.abs(ts_q - ts_k) >= bound, high, low)
+    else:
+        if HAS_POS:
+            s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
+        if HAS_TIME:
             s += tl.load(TTAB + time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base)).to(tl.float32)
     return s
 

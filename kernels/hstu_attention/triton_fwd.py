@@ -27,18 +27,17 @@ from recfm.kernels.hstu_attention.triton_common import (
     key_ranges,
     key_tile,
     bias_spans,
-    lo_hi,
     load_rows,
     query_tile,
     silu_parts,
     store_rows,
     tanh_approx,
-    time_span,
+    tile_span,
 )
 
 
 @triton.jit
-def _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, L, start_n, alpha,
+def _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha,
               P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
               MASKED: tl.constexpr, MASK_MODE: tl.constexpr, COUNT: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -47,8 +46,11 @@ def _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_
                                                 MASKED and MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
     k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
     raw = dot(q, tl.trans(k), None, DOT_PREC)
-    d_lo, d_hi, b_lo, b_hi = bias_spans(ev_k, tt_k, evq_lo, evq_hi, ttq_lo, ttq_hi, TBND, NUM_TB, inv_log2_base,
-                                        HAS_POS, HAS_TIME)
+    d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
+    if HAS_POS or HAS_TIME:
+        evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, start_n, BLOCK_N, HAS_POS, HAS_TIME)
+        d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
+                                            NUM_TB, inv_log2_base, HAS_TIME)
     if FAST:  # silu(s) = h + h tanh(h) with h = s / 2: one multiply, one MUFU tanh, one FMA per score
         if HAS_POS or HAS_TIME:
             h = 0.5 * add_bias(raw * alpha, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi,
@@ -73,7 +75,7 @@ def _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_
 
 @triton.jit
 def hstu_fwd_kernel(
-    Q, K, V, O, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN,
+    Q, K, V, O, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT, QCH,
     ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, LEN_KEY,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
@@ -110,28 +112,35 @@ def hstu_fwd_kernel(
     POS += seq_start
     PTAB += g * ptab_stride
     TTAB += g * ttab_stride
+    kc0, kc1, qc0, qc1 = 0, 0, 0, 0
+    if HAS_POS or HAS_TIME:
+        kc0 = tl.load(KCH + b)
+        kc1 = tl.load(KCH + b + 1)
+        qc0 = tl.load(QCH + b)
+        qc1 = tl.load(QCH + b + 1)
     for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
         rows, row_ok, pos_q, type_q, ts_q, tt_q, ev_q = query_tile(
             QTOK, TYPE, TS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
             HAS_POS, BLOCK_M)
         q = load_rows(Q, rows, row_ok, H * D_QK, D_QK, BLOCK_DQK)
-        evq_lo, evq_hi = lo_hi(ev_q)
-        ttq_lo, ttq_hi = lo_hi(tt_q)
+        evq_lo, evq_hi, ttq_lo, ttq_hi = 0, 0, 0, 0
+        if HAS_POS or HAS_TIME:
+            evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, m * BLOCK_M, BLOCK_M, HAS_POS, HAS_TIME)
         free_end, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b,
                                                               BLOCK_N)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
         for start_n in range(0, free_end, BLOCK_N):
-            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, L,
+            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
                                  start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False, MASK_MODE,
                                  COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         for start_n in range(free_end, masked_end, BLOCK_N):
-            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, L,
+            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
                                  start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE,
                                  COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
-                acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
+                acc, cnt = _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1,
                                      L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
                                      MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
                                      BLOCK_DV)

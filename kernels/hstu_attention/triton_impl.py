@@ -86,7 +86,8 @@ class _Plan:
         ttab = time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f
         t = self.tokens
         return (t.offsets, t.qoff, t.qtok, t.token_type, t.ranks, t.seconds, t.positions, ptab, ttab, t.bounds,
-                t.stats, invn, *self.table_strides(pos_bias, time_bias), *self.scalars)
+                t.stats, invn, t.kext, t.kchunks, t.qext, t.qchunks, *self.table_strides(pos_bias, time_bias),
+                *self.scalars)
 
 
 class _HSTUAttention(torch.autograd.Function):

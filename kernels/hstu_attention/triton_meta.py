@@ -14,7 +14,11 @@ Contents (all int32 unless said, ``N`` tokens, ``B`` samples):
   while a sample spans less than ~68 years);
 * ``stats``: ``[B, 3]`` first non-H position, 1 + last H position, 1 + last H/R position (mixed mask);
 * ``positions``: event positions (``bias.event_positions``) for the position bias;
-* ``bounds``: time-bucket boundaries (``bias.time_bucket_boundaries``) clamped to ``2^31 - 1``.
+* ``bounds``: time-bucket boundaries (``bias.time_bucket_boundaries``) clamped to ``2^31 - 1``;
+* ``kext``, ``kchunks`` / ``qext``, ``qchunks``: per chunk of ``CHUNK`` consecutive keys (queries) of a sample,
+  the lowest and highest event position and relative second (``[chunks, 4]``: pos lo, pos hi, seconds lo,
+  seconds hi), and each sample's first chunk ``[B+1]``: a kernel reads a tile's span of position and time
+  gaps from a few scalars (:func:`.triton_common.tile_span`) instead of reducing across its warps.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from recfm.foundation.model.bias import event_positions, sample_ids, time_bucket
 from recfm.foundation.model.mask import MaskMode
 
 INT32_SPAN = 2**31 - 2  # relative seconds are clamped here; boundaries at 2**31 - 1
+CHUNK = 16  # rows per chunk of the tile-span extremes (every kernel block is a multiple of it)
 
 
 def mixed_stats(offsets: torch.Tensor, token_type: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -60,6 +65,27 @@ def relative_seconds(offsets: torch.Tensor, timestamps: torch.Tensor, num_tokens
     return (timestamps - first[samples]).clamp(0, INT32_SPAN).to(torch.int32)
 
 
+def chunk_extremes(offsets: torch.Tensor, positions: torch.Tensor, seconds: torch.Tensor,
+                   num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per chunk of ``CHUNK`` rows of each sample (rows grouped by sample, ``offsets [B+1]``): ``[chunks, 4]``
+    int32 (lowest, highest position; lowest, highest second) and the first chunk of each sample ``[B+1]``
+    int32. Sized from host integers (``num_rows // CHUNK + B + 1`` rows, unused ones never read)."""
+    num_samples = offsets.numel() - 1
+    lengths = offsets[1:] - offsets[:-1]
+    first = torch.zeros(num_samples + 1, dtype=torch.int64, device=offsets.device)
+    torch.cumsum((lengths + CHUNK - 1) // CHUNK, 0, out=first[1:])
+    samples = sample_ids(offsets, num_rows)
+    local = torch.arange(num_rows, device=offsets.device) - offsets[samples]
+    chunk = first[samples] + local // CHUNK
+    size = num_rows // CHUNK + num_samples + 1
+    cols = []
+    for values in (positions, seconds):
+        values = values.to(torch.int32)
+        cols.append(values.new_full((size,), 2**31 - 1).scatter_reduce_(0, chunk, values, "amin"))
+        cols.append(values.new_full((size,), -1).scatter_reduce_(0, chunk, values, "amax"))
+    return torch.stack(cols, 1).contiguous(), first.to(torch.int32)
+
+
 @dataclass(frozen=True)
 class TokenMeta:
     """Device tensors the kernels read besides q/k/v (module docstring); 1-element dummies where unused."""
@@ -74,6 +100,10 @@ class TokenMeta:
     stats: torch.Tensor
     positions: torch.Tensor
     bounds: torch.Tensor
+    kext: torch.Tensor
+    kchunks: torch.Tensor
+    qext: torch.Tensor
+    qchunks: torch.Tensor
 
 
 def _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_time_buckets, base, num_tokens):
@@ -90,14 +120,23 @@ def _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_tim
     if num_time_buckets > 1:  # built on the host; a pinned, non-blocking copy does not wait for the device
         host = time_bucket_boundaries(num_time_buckets, base).clamp(max=INT32_SPAN + 1).to(torch.int32)
         bounds = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    seconds = relative_seconds(offsets, timestamps, num_tokens) if num_time_buckets else i32
+    positions = event_positions(offsets, token_type, timestamps, num_tokens).to(torch.int32) if with_pos else i32
+    kext = qext = kchunks = qchunks = i32
+    if with_pos or num_time_buckets:
+        pos_all = positions if with_pos else torch.zeros(num_tokens, dtype=torch.int32, device=device)
+        sec_all = seconds if num_time_buckets else torch.zeros(num_tokens, dtype=torch.int32, device=device)
+        kext, kchunks = qext, qchunks = chunk_extremes(offsets, pos_all, sec_all, num_tokens)
+        if query_index is not None:
+            qext, qchunks = chunk_extremes(qoff, pos_all[qtok], sec_all[qtok], qtok.numel())
     return TokenMeta(
         offsets=offsets, qtok=qtok, order=order, qoff=qoff,
         token_type=token_type.contiguous() if mixed else i64,
         ranks=time_ranks(timestamps) if mixed else i32,
-        seconds=relative_seconds(offsets, timestamps, num_tokens) if num_time_buckets else i32,
+        seconds=seconds,
         stats=mixed_stats(offsets, token_type, num_tokens) if mixed else i32,
-        positions=event_positions(offsets, token_type, timestamps, num_tokens).to(torch.int32) if with_pos else i32,
-        bounds=bounds,
+        positions=positions,
+        bounds=bounds, kext=kext, kchunks=kchunks, qext=qext, qchunks=qchunks,
     )
 
 
