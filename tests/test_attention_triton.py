@@ -232,7 +232,7 @@ def test_triton_empty_and_length_one_batches():
 
 
 @triton.jit
-def _buckets_kernel(DT, OUT, TBND, NUM_TB, inv_log2_base, BLOCK: tl.constexpr):
+def _buckets_kernel(DT, OUT, TBND, NUM_TB, inv_log2_base: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     dt = tl.load(DT + offs)
     tl.store(OUT + offs, time_bucket(dt, tl.zeros_like(dt), TBND, NUM_TB, inv_log2_base))

@@ -76,7 +76,7 @@ def _fwd_tile(acc, cnt, q, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_
 @triton.jit
 def hstu_fwd_kernel(
     Q, K, V, O, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT, QCH,
-    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, LEN_KEY,
+    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
