@@ -25,6 +25,7 @@ from recfm.kernels.hstu_attention.triton_common import (
     add_bias,
     allowed_tile,
     bias_spans,
+    chunk_ranges,
     dot,
     key_ranges,
     key_tile,
@@ -116,12 +117,7 @@ def hstu_dkdv_kernel(
     TS += seq_start
     TT += seq_start
     POS += seq_start
-    kc0, kc1, qc0, qc1 = 0, 0, 0, 0
-    if HAS_POS or HAS_TIME:
-        kc0 = tl.load(KCH + b)
-        kc1 = tl.load(KCH + b + 1)
-        qc0 = tl.load(QCH + b)
-        qc1 = tl.load(QCH + b + 1)
+    kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, HAS_POS or HAS_TIME)
     for n in range(pid, tl.cdiv(L, BLOCK_N), n_prog):
         k_start = n * BLOCK_N
         cols, col_ok, type_k, ts_k, tt_k, ev_k = key_tile(TYPE, TS, TT, POS, L, k_start, MASK_MODE == 2,
@@ -233,12 +229,7 @@ def hstu_dq_kernel(
     TTAB += g * ttab_stride
     DPTAB += g * ptab_stride
     DTTAB += g * ttab_stride
-    kc0, kc1, qc0, qc1 = 0, 0, 0, 0
-    if HAS_POS or HAS_TIME:
-        kc0 = tl.load(KCH + b)
-        kc1 = tl.load(KCH + b + 1)
-        qc0 = tl.load(QCH + b)
-        qc1 = tl.load(QCH + b + 1)
+    kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, HAS_POS or HAS_TIME)
     for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
         rows, row_ok, pos_q, type_q, ts_q, tt_q, ev_q = query_tile(
             QTOK, TYPE, TS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,

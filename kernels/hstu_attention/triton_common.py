@@ -102,6 +102,19 @@ def time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base):
 
 
 @triton.jit
+def chunk_ranges(KCH, QCH, b, NEED: tl.constexpr):
+    """Sample ``b``'s chunk range among the key and the query chunk extremes (``[first, end)`` each; zeros
+    when no bias table needs them)."""
+    kc0, kc1, qc0, qc1 = 0, 0, 0, 0
+    if NEED:
+        kc0 = tl.load(KCH + b)
+        kc1 = tl.load(KCH + b + 1)
+        qc0 = tl.load(QCH + b)
+        qc1 = tl.load(QCH + b + 1)
+    return kc0, kc1, qc0, qc1
+
+
+@triton.jit
 def tile_span(EXT, c_first, c_end, start, BLOCK: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
     """``(pos_lo, pos_hi, sec_lo, sec_hi)`` over rows ``start + [0, BLOCK)`` of a sample from its chunk extremes
     (:func:`.triton_meta.chunk_extremes`; ``c_first``/``c_end`` its chunk range): scalar loads, no reduction.

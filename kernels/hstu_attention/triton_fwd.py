@@ -27,6 +27,7 @@ from recfm.kernels.hstu_attention.triton_common import (
     key_ranges,
     key_tile,
     bias_spans,
+    chunk_ranges,
     load_rows,
     query_tile,
     silu_parts,
@@ -112,12 +113,7 @@ def hstu_fwd_kernel(
     POS += seq_start
     PTAB += g * ptab_stride
     TTAB += g * ttab_stride
-    kc0, kc1, qc0, qc1 = 0, 0, 0, 0
-    if HAS_POS or HAS_TIME:
-        kc0 = tl.load(KCH + b)
-        kc1 = tl.load(KCH + b + 1)
-        qc0 = tl.load(QCH + b)
-        qc1 = tl.load(QCH + b + 1)
+    kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, HAS_POS or HAS_TIME)
     for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
         rows, row_ok, pos_q, type_q, ts_q, tt_q, ev_q = query_tile(
             QTOK, TYPE, TS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
