@@ -1,0 +1,80 @@
+"""Per-kernel CUDA time of the Triton HSTU attention (forward + backward), by torch.profiler (GPU only).
+
+    python -m bench.attention_profile --out bench/results/attention_profile.json
+
+Uses the shapes and bias-table variants of :mod:`bench.attention_sweep` (B=16, L=4096, bf16) with block
+sizes pinned (``triton_launch.pinned``) so that rows differ only in what they name. Prints, per row, the
+mean time per forward+backward of each CUDA kernel (ms, over ``--steps`` profiled passes after warm-up)
+and writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+LIGHT = dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 3), dkdv=(64, 128, 8, 3))  # the sweep's best, no tables
+HEAVY = dict(fwd=(128, 64, 8, 3), dq=(32, 32, 4, 2), dkdv=(32, 128, 8, 3))  # the sweep's best with tables
+ROWS = [  # (label, sweep variant, pinned block sizes)
+    ("no tables, light blocks", "mixed-nobias", LIGHT),
+    ("no tables, the tables' blocks", "mixed-nobias", HEAVY),
+    ("position table", "mixed-pos", HEAVY),
+    ("time table", "mixed-time", HEAVY),
+    ("both tables", "mixed", HEAVY),
+]
+
+
+def profile_row(variant: str, pins: dict, steps: int, length: int, tokens: int) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.attention import attention_fn
+    from bench.attention_sweep import make
+    from recfm.kernels.hstu_attention.triton_launch import pinned
+
+    batch, _ = make(variant, length, tokens)
+    fn = attention_fn("triton", batch)
+    q, k, v = (batch[name].detach().clone().requires_grad_() for name in ("q", "k", "v"))
+    with pinned(**pins):
+        grad = torch.randn_like(fn(q, k, v).detach())
+        for _ in range(4):  # compile and warm up
+            fn(q, k, v).backward(grad)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                fn(q, k, v).backward(grad)
+            torch.cuda.synchronize()
+    kernels = {e.key: e.device_time_total / steps / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+    return dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=65536)
+    default_out = Path(__file__).resolve().parent / "results" / "attention_profile.json"
+    parser.add_argument("--out", type=Path, default=default_out)
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench.attention_profile: no CUDA GPU here; nothing to profile")
+        return 0
+    rows = []
+    print(f"{'row':32s} {'fwd ms':>8s} {'dq ms':>8s} {'dkdv ms':>8s} {'all ms':>8s}")
+    for label, variant, pins in ROWS:
+        kernels = profile_row(variant, pins, args.steps, args.length, args.tokens)
+        rows.append(dict(row=label, variant=variant, pinned=pins, kernels_ms=kernels))
+        ms = {kind: kernels.get(f"hstu_{kind}_kernel", 0.0) for kind in ("fwd", "dq", "dkdv")}
+        print(f"{label:32s} {ms['fwd']:8.3f} {ms['dq']:8.3f} {ms['dkdv']:8.3f} {sum(kernels.values()):8.3f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                        length=args.length, tokens=args.tokens, rows=rows), indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
