@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         kernels = profile_row(variant, pins, args.steps, args.length, args.tokens)
         rows.append(dict(row=label, variant=variant, pinned=pins, kernels_ms=kernels))
         ms = {kind: kernels.get(f"hstu_{kind}_kernel", 0.0) for kind in ("fwd", "dq", "dkdv")}
-        print(f"{label:32s} {ms['fwd']:8.3f} {ms['dq']:8.3f} {ms['dkdv']:8.3f} {sum(kernels.values()):8.3f}", flush=True)
+        total = sum(kernels.values())
+        print(f"{label:32s} {ms['fwd']:8.3f} {ms['dq']:8.3f} {ms['dkdv']:8.3f} {total:8.3f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                         length=args.length, tokens=args.tokens, rows=rows), indent=1))
