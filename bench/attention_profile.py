@@ -5,7 +5,8 @@
 Uses the shapes and bias-table variants of :mod:`bench.attention_sweep` (B=16, L=4096, bf16) with block
 sizes pinned (``triton_launch.pinned``) so that rows differ only in what they name. Prints, per row, the
 mean time per forward+backward of each CUDA kernel (ms, over ``--steps`` profiled passes after warm-up)
-and writes the rows as JSON.
+and the pinned kernels' relative error against the fp32 reference on a small jagged batch ("check"), and
+writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import json
 from pathlib import Path
 
 LIGHT = dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 3), dkdv=(64, 128, 8, 3))  # the sweep's best, no tables
-HEAVY = dict(fwd=(128, 64, 8, 3), dq=(32, 32, 4, 2), dkdv=(32, 128, 8, 3))  # the sweep's best with tables
+HEAVY = dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(32, 128, 8, 3), band=(32, 32, 4, 2))  # with tables
+ALT = dict(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 3), dkdv=(32, 128, 8, 3), band=(64, 32, 4, 2))
+KINDS = ("fwd", "dq", "band", "dkdv")
 ROWS = [  # (label, sweep variant, pinned block sizes)
     ("no tables, light blocks", "mixed-nobias", LIGHT),
-    ("no tables, the tables' blocks", "mixed-nobias", HEAVY),
     ("position table", "mixed-pos", HEAVY),
     ("time table", "mixed-time", HEAVY),
     ("both tables", "mixed", HEAVY),
+    ("both tables, other blocks", "mixed", ALT),
 ]
 
 
@@ -49,6 +52,19 @@ def profile_row(variant: str, pins: dict, steps: int, length: int, tokens: int) 
     return dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
 
 
+def check_row(variant: str, pins: dict) -> float:
+    """Relative error of the pinned kernels against the fp32 reference (``bench.attention.check_config``)."""
+    import torch
+
+    from bench.attention import check_config
+    from bench.attention_sweep import VARIANTS
+    from recfm.kernels.hstu_attention.triton_launch import pinned
+
+    h, h_kv, d, mask, _ = VARIANTS[variant]
+    with pinned(**pins):
+        return check_config(h, h_kv, d, mask, "cuda", torch.bfloat16, smoke=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5)
@@ -63,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.attention_profile: no CUDA GPU here; nothing to profile")
         return 0
     rows = []
-    print(f"{'row':32s} {'fwd ms':>8s} {'dq ms':>8s} {'dkdv ms':>8s} {'all ms':>8s}")
+    print(f"{'row':32s} " + " ".join(f"{kind + ' ms':>8s}" for kind in KINDS) + f" {'all ms':>8s} {'check':>8s}")
     for label, variant, pins in ROWS:
         kernels = profile_row(variant, pins, args.steps, args.length, args.tokens)
-        rows.append(dict(row=label, variant=variant, pinned=pins, kernels_ms=kernels))
-        ms = {kind: kernels.get(f"hstu_{kind}_kernel", 0.0) for kind in ("fwd", "dq", "dkdv")}
+        check = check_row(variant, pins)
+        rows.append(dict(row=label, variant=variant, pinned=pins, kernels_ms=kernels, check=check))
+        ms = [kernels.get(f"hstu_{'band_grad' if kind == 'band' else kind}_kernel", 0.0) for kind in KINDS]
         total = sum(kernels.values())
-        print(f"{label:32s} {ms['fwd']:8.3f} {ms['dq']:8.3f} {ms['dkdv']:8.3f} {total:8.3f}", flush=True)
+        print(f"{label:32s} " + " ".join(f"{t:8.3f}" for t in ms) + f" {total:8.3f} {check:8.1e}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                         length=args.length, tokens=args.tokens, rows=rows), indent=1))

@@ -2,7 +2,7 @@
 
     python -m bench.attention_sweep --out bench/results/sweep        # H100: ~5 min with 15 compile workers
 
-Each kernel (``fwd``, ``dq``, ``dkdv``) is timed with every candidate ``(BLOCK_M, BLOCK_N, num_warps,
+Each kernel (``fwd``, ``dq``, ``dkdv``, and ``band`` with bias tables) is timed with every candidate ``(BLOCK_M, BLOCK_N, num_warps,
 num_stages)`` while the other two stay at their first candidate (``triton_launch.pinned``), at
 B = 16, L = 4096, 4 heads x 128, bf16, for the variants below. Compilation dominates a sweep, so worker
 processes first compile every candidate into Triton's on-disk cache (one launch each, in parallel), then
@@ -42,15 +42,17 @@ LIGHT = {  # no bias tables
     "dkdv": [(32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 64, 8, 3),
              (128, 64, 8, 2), (32, 64, 4, 3)],
 }
-HEAVY = {  # position and/or time bias tables (mixed, targets)
+HEAVY = {  # position and/or time bias tables (mixed, targets); "band": the table gradients near the diagonal
     "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2)],
-    "dq": [(64, 32, 8, 2), (128, 64, 8, 3), (32, 32, 4, 2)],
+    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2)],
     "dkdv": [(32, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3)],
+    "band": [(32, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 3), (64, 64, 8, 2)],
 }
 HEAVY_256 = {
     "fwd": [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2)],
-    "dq": [(32, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
+    "dq": [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 3)],
     "dkdv": [(32, 64, 8, 2), (64, 64, 8, 2)],
+    "band": [(32, 32, 4, 2), (32, 64, 4, 2)],
 }
 
 

@@ -28,6 +28,7 @@ from recfm.errors import RecfmError  # noqa: E402
 from recfm.foundation.model.bias import time_bucket_boundaries, time_buckets  # noqa: E402
 from recfm.kernels.hstu_attention import hstu_attention  # noqa: E402
 from recfm.kernels.hstu_attention.triton_common import tile_span, time_bucket  # noqa: E402
+from recfm.kernels.hstu_attention import triton_launch  # noqa: E402
 from recfm.kernels.hstu_attention.triton_launch import _interpreter_index_fix, interpreting  # noqa: E402
 from recfm.kernels.hstu_attention.triton_meta import chunk_extremes  # noqa: E402
 
@@ -162,9 +163,13 @@ def tile_path_batch():
 
 
 @pytest.mark.parametrize("mode", ["full", "causal", "mixed"])
-@pytest.mark.parametrize("base", [2.0, 1.5])
-def test_bias_tile_paths(mode, base):
-    # a wrong scalar, select or clamp on any per-tile path changes the output or a table gradient
+@pytest.mark.parametrize("base, grid", [(2.0, 16), (1.5, 16), (2.0, 32)])
+def test_bias_tile_paths(mode, base, grid, monkeypatch):
+    # a wrong scalar, select or clamp on any per-tile path changes the output or a table gradient. The table
+    # gradients of flat grid cells are added by the dQ kernel, the others by the band kernel: a grid of one
+    # tile sends every flat tile to the dQ kernel's registers, a grid of 2 x 2 tiles sends flat tiles of
+    # mixed cells to the band kernel's per-tile paths
+    monkeypatch.setattr(triton_launch, "INTERPRET_SUPER", grid)
     q, k, v, offsets, types, stamps = tile_path_batch()
     kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
               time_bucket_base=base)

@@ -27,6 +27,8 @@ from recfm.kernels.hstu_attention.triton_common import (
     bias_spans,
     chunk_ranges,
     dot,
+    flat_grads_add,
+    flush_flat_grads,
     key_ranges,
     key_tile,
     load_rows,
@@ -34,6 +36,7 @@ from recfm.kernels.hstu_attention.triton_common import (
     query_ranges,
     query_tile,
     silu_parts,
+    spans_flat,
     store_rows,
     tile_span,
     time_grad_add,
@@ -152,14 +155,15 @@ def hstu_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB,
-             L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr,
-             D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
-             HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
-             TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
+def _ds_tile(q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT,
+             POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
+             H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
+             MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
+             FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``dS`` of one key tile ``[BLOCK_M, BLOCK_N]`` fp32 (zero where the mask or the sample end excludes a
+    pair), with the key tile and its bias spans."""
     cols, col_ok, type_k, ts_k, tt_k, ev_k = key_tile(TYPE, TS, TT, POS, L, start_n, MASKED and MASK_MODE == 2,
-                                                MASKED and MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
+                                                      MASKED and MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
     k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
     v = load_rows(V, cols, col_ok, H_KV * D_V, D_V, BLOCK_DV)
     s = dot(q, tl.trans(k), None, DOT_PREC) * alpha
@@ -177,29 +181,63 @@ def _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo,
         ok = allowed_tile(MASK_MODE, type_q[:, None], type_k[None, :], ts_q[:, None], ts_k[None, :],
                           pos_q[:, None], cols[None, :])
         ds = tl.where(ok, ds, 0.0)
-    dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
-    if POS_GRAD or TIME_GRAD:
-        valid = row_ok[:, None] & col_ok[None, :]
-        if POS_GRAD:
-            pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS, BLOCK_M, BLOCK_N)
-        if TIME_GRAD:
-            time_grad_add(DTTAB, tt_q[:, None], tt_k[None, :], b_lo, b_hi, ds, valid, TBND, NUM_TB, inv_log2_base,
-                          FEW_BUCKETS)
-    return dqa
+    return ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi
 
 
 @triton.jit
-def hstu_dq_kernel(
+def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
+             ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
+             DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr,
+             D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
+             HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
+             TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr):
+    """One key tile of :func:`_dq_program`: ``dQ += dS k`` and the table gradients of flat super-tiles
+    (``BAND`` false), or only the table gradients of the other super-tiles (``BAND`` true)."""
+    GRADS: tl.constexpr = POS_GRAD or TIME_GRAD
+    flat = True
+    if GRADS:  # the SUPER x SUPER tile holding this one decides which pass adds its table gradients
+        sk_lo, sk_hi, skt_lo, skt_hi = tile_span(KEXT, kc0, kc1, (start_n // SUPER) * SUPER, SUPER, HAS_POS, HAS_TIME)
+        sd_lo, sd_hi, sb_lo, sb_hi = bias_spans(sq_lo, sq_hi, sqt_lo, sqt_hi, sk_lo, sk_hi, skt_lo, skt_hi, TBND,
+                                                NUM_TB, inv_log2_base, HAS_TIME)
+        flat = spans_flat(sd_lo, sd_hi, sb_lo, sb_hi, P_HALF, HAS_POS, HAS_TIME)
+    if BAND:
+        if flat == 0:
+            ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
+                q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS,
+                TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV,
+                D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+            if POS_GRAD:
+                pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS, BLOCK_M,
+                             BLOCK_N)
+            if TIME_GRAD:
+                time_grad_add(DTTAB, tt_q[:, None], tt_k[None, :], b_lo, b_hi, ds, row_ok[:, None] & col_ok[None, :],
+                              TBND, NUM_TB, inv_log2_base, FEW_BUCKETS)
+    else:
+        ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
+            q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT,
+            POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
+            MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+        dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
+        if GRADS:
+            if flat:
+                pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
+                    ds, tt_q[:, None], tt_k[None, :], sd_lo, sb_lo, sb_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
+                    P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
+    return dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi
+
+
+@triton.jit
+def _dq_program(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
-    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
-    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """DQ ``[N_q, H, D_QK]`` (input dtype); DPTAB/DTTAB fp32 gradients laid out like the tables (accumulated
-    only when POS_GRAD / TIME_GRAD)."""
+    """The query-major backward: the forward's loop over key tiles per query tile, see the two kernels."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     pid = tl.program_id(2)
@@ -230,6 +268,11 @@ def hstu_dq_kernel(
     DPTAB += g * ptab_stride
     DTTAB += g * ttab_stride
     kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, HAS_POS or HAS_TIME)
+    pg_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    pg_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    tb = 0
+    tg_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    tg_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
     for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
         rows, row_ok, pos_q, type_q, ts_q, tt_q, ev_q = query_tile(
             QTOK, TYPE, TS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
@@ -243,25 +286,79 @@ def hstu_dq_kernel(
         else:
             inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + norm_const
         evq_lo, evq_hi, ttq_lo, ttq_hi = 0, 0, 0, 0
+        sq_lo, sq_hi, sqt_lo, sqt_hi = 0, 0, 0, 0
         if HAS_POS or HAS_TIME:
             evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, m * BLOCK_M, BLOCK_M, HAS_POS, HAS_TIME)
+        if POS_GRAD or TIME_GRAD:
+            sq_lo, sq_hi, sqt_lo, sqt_hi = tile_span(QEXT, qc0, qc1, (m * BLOCK_M // SUPER) * SUPER, SUPER, HAS_POS,
+                                                     HAS_TIME)
         free_end, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b,
                                                               BLOCK_N)
         dqa = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
         for start_n in range(0, free_end, BLOCK_N):
-            dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
-                           KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False,
-                           MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS,
-                           POS_GRAD, TIME_GRAD, BLOCK_M)
+            dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi = _dq_step(
+                dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
+                ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
+                DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False, MASK_MODE, HAS_POS,
+                HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND,
+                SUPER)
         for start_n in range(free_end, masked_end, BLOCK_N):
-            dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
-                           KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
-                           MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS,
-                           POS_GRAD, TIME_GRAD, BLOCK_M)
+            dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi = _dq_step(
+                dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
+                ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
+                DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE, HAS_POS,
+                HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND,
+                SUPER)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
-                dqa = _dq_tile(dqa, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND,
-                               KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
-                               True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                               FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M)
-        store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)
+                dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi = _dq_step(
+                    dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi,
+                    ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0,
+                    kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
+                    MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
+                    TIME_GRAD, BLOCK_M, BAND, SUPER)
+        if not BAND:
+            store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)
+    if not BAND:
+        flush_flat_grads(DPTAB, DTTAB, pg_lo, pg_hi, tb, tg_lo, tg_hi, P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
+
+
+@triton.jit
+def hstu_dq_kernel(
+    Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+    MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """DQ ``[N_q, H, D_QK]`` (input dtype), and the table gradients of the flat ``SUPER x SUPER`` tiles
+    (:func:`.triton_common.spans_flat`: almost all tiles away from the diagonal) accumulated in registers and
+    added once per program to DPTAB/DTTAB, fp32 buffers laid out like the tables (only when POS_GRAD /
+    TIME_GRAD)."""
+    _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
+                KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, GROUP,
+                D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
+                TIME_GRAD, False, SUPER, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+
+
+@triton.jit
+def hstu_band_grad_kernel(
+    Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+    MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """The table gradients of the ``SUPER x SUPER`` tiles that are not flat (near the diagonal, or across
+    several time buckets), which :func:`hstu_dq_kernel` leaves out: ``dS`` recomputed in small tiles, added per
+    tile (diagonal sums, per-bucket sums, atomics; :func:`.triton_common.pos_grad_add`,
+    :func:`.triton_common.time_grad_add`). DQ is not written. Launched only when a table needs its gradient;
+    BLOCK_M and BLOCK_N divide SUPER."""
+    _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
+                KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, GROUP,
+                D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
+                TIME_GRAD, True, SUPER, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)

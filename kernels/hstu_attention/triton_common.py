@@ -161,6 +161,19 @@ def bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, T
 
 
 @triton.jit
+def spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
+    """True when a tile's spans (:func:`bias_spans`) put every pair past the position clamp on one side and
+    within one time bucket or across one boundary: the tile's bias is a scalar plus a two-way select."""
+    if HAS_POS and HAS_TIME:
+        flat = ((d_lo >= P_HALF) | (d_hi <= -P_HALF)) & (b_hi - b_lo <= 1)
+    elif HAS_POS:
+        flat = (d_lo >= P_HALF) | (d_hi <= -P_HALF)
+    else:
+        flat = b_hi - b_lo <= 1
+    return flat
+
+
+@triton.jit
 def add_bias(s, ev_q, ev_k, ts_q, ts_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
              HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
     """``s + pos_table[bucket] + time_table[bucket]`` (table pointers already at the head's row).
@@ -170,13 +183,7 @@ def add_bias(s, ev_q, ev_k, ts_q, ts_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND
     across one boundary (all but those near the diagonal): they add a scalar and select between two
     scalars by one comparison, with no per-score table read. Other tiles compute both buckets per score.
     """
-    if HAS_POS and HAS_TIME:
-        flat = ((d_lo >= P_HALF) | (d_hi <= -P_HALF)) & (b_hi - b_lo <= 1)
-    elif HAS_POS:
-        flat = (d_lo >= P_HALF) | (d_hi <= -P_HALF)
-    else:
-        flat = b_hi - b_lo <= 1
-    if flat:
+    if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
         if HAS_POS:
             s += tl.load(PTAB + tl.where(d_lo >= P_HALF, 2 * P_HALF, 0)).to(tl.float32)
         if HAS_TIME:
@@ -190,6 +197,54 @@ def add_bias(s, ev_q, ev_k, ts_q, ts_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND
         if HAS_TIME:
             s += tl.load(TTAB + time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base)).to(tl.float32)
     return s
+
+
+@triton.jit
+def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND, P_HALF, NUM_TB,
+                   POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr):
+    """Table gradients of a tile whose spans are flat (:func:`spans_flat`), added to per-program registers.
+
+    ``ds`` ``[BLOCK_M, BLOCK_N]`` fp32 is zero wherever the mask or the sample end excludes a pair. Its row
+    sums go to ``pg_hi`` (every pair past the clamp above: position bucket ``2P``) or ``pg_lo`` (bucket 0),
+    both ``[BLOCK_M]``. Time: ``tg_lo`` / ``tg_hi`` ``[BLOCK_M]`` hold the row sums of buckets ``tb`` and
+    ``tb + 1``; a tile whose low bucket is not ``tb`` first adds them to DTTAB (two atomics) and moves ``tb``
+    (rare: a query tile's keys cross few bucket boundaries, mostly in order). Row sums stay within a warp;
+    :func:`flush_flat_grads` adds what is left once per program."""
+    rs = tl.sum(ds, axis=1)
+    if POS_GRAD:
+        above = d_lo >= P_HALF
+        pg_hi += tl.where(above, rs, 0.0)
+        pg_lo += tl.where(above, 0.0, rs)
+    if TIME_GRAD:
+        if b_lo != tb:
+            flush_time(DTTAB, tb, tg_lo, tg_hi, NUM_TB)
+            tg_lo = tl.zeros_like(tg_lo)
+            tg_hi = tl.zeros_like(tg_hi)
+            tb = b_lo
+        bound = tl.load(TBND + b_lo, mask=b_hi > b_lo, other=INT_MAX)  # relative seconds stay below INT_MAX
+        high = tl.sum(tl.where(tl.abs(tt_q - tt_k) >= bound, ds, 0.0), axis=1)
+        tg_hi += high
+        tg_lo += rs - high
+    return pg_lo, pg_hi, tb, tg_lo, tg_hi
+
+
+@triton.jit
+def flush_time(DTTAB, tb, tg_lo, tg_hi, NUM_TB):
+    """``DTTAB[tb] += sum(tg_lo)``, ``DTTAB[tb + 1] += sum(tg_hi)`` (the second only inside the table)."""
+    tl.atomic_add(DTTAB + tb, tl.sum(tg_lo, axis=0), sem="relaxed")
+    tl.atomic_add(DTTAB + tb + 1, tl.sum(tg_hi, axis=0), mask=tb + 1 < NUM_TB, sem="relaxed")
+
+
+@triton.jit
+def flush_flat_grads(DPTAB, DTTAB, pg_lo, pg_hi, tb, tg_lo, tg_hi, P_HALF, NUM_TB, POS_GRAD: tl.constexpr,
+                     TIME_GRAD: tl.constexpr):
+    """Add the registers of :func:`flat_grads_add` to the gradient buffers (table pointers at the head's
+    row): two scalar atomics per table."""
+    if POS_GRAD:
+        tl.atomic_add(DPTAB, tl.sum(pg_lo, axis=0), sem="relaxed")
+        tl.atomic_add(DPTAB + 2 * P_HALF, tl.sum(pg_hi, axis=0), sem="relaxed")
+    if TIME_GRAD:
+        flush_time(DTTAB, tb, tg_lo, tg_hi, NUM_TB)
 
 
 @triton.jit

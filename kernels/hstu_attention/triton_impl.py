@@ -122,8 +122,10 @@ class _HSTUAttention(torch.autograd.Function):
                    (q_sorted, k, v, do, dk, dv, *tail), plan.meta)
             grads = dict(POS_GRAD=pos_bias is not None and ctx.needs_input_grad[3],
                          TIME_GRAD=time_bias is not None and ctx.needs_input_grad[4])
-            launch("dq", plan.max_len, plan.num_samples, plan.num_heads,
-                   (q_sorted, k, v, do, dq, dpos, dtime, *tail), {**plan.meta, **grads})
+            args = (q_sorted, k, v, do, dq, dpos, dtime, *tail)
+            launch("dq", plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.meta, **grads})
+            if grads["POS_GRAD"] or grads["TIME_GRAD"]:  # the table gradients of the tiles dq leaves out
+                launch("band", plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.meta, **grads})
         grad_pos = dpos.to(pos_bias.dtype) if pos_bias is not None and ctx.needs_input_grad[3] else None
         grad_time = dtime.to(time_bias.dtype) if time_bias is not None and ctx.needs_input_grad[4] else None
         return _unsort(dq, plan.order), dk, dv, grad_pos, grad_time, None

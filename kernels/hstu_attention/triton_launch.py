@@ -2,8 +2,12 @@
 
 Batches with ``max_len < TUNE_FROM_LEN`` use one fixed config per kernel. Otherwise autotuning keys on
 ``LEN_KEY`` (``max_len`` rounded up to a power of two), head dims, heads, group, mask mode, flags and
-dtypes, so one GPU run picks a config per shape class. The dQ kernel's bias-gradient buffers are reset
-between trials (``reset_to_zero``) because it accumulates into them with atomics.
+dtypes, so one GPU run picks a config per shape class. The dQ and band kernels' bias-gradient buffers are
+reset between trials (``reset_to_zero``) because they accumulate into them with atomics.
+
+The table gradients are split between the dQ kernel (flat ``SUPER x SUPER`` tiles, in registers) and the
+band kernel (the others, in small tiles): both judge flatness on the same ``SUPER``-aligned grid, which
+every block size of both divides.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import os
 import triton
 import triton.testing
 
-from recfm.kernels.hstu_attention.triton_bwd import hstu_dkdv_kernel, hstu_dq_kernel
+from recfm.kernels.hstu_attention.triton_bwd import hstu_band_grad_kernel, hstu_dkdv_kernel, hstu_dq_kernel
 from recfm.kernels.hstu_attention.triton_fwd import hstu_fwd_kernel
 
 INTERPRET_BLOCK = 16  # tiny tiles under TRITON_INTERPRET=1 (tests)
+INTERPRET_SUPER = 16  # the table-gradient grid under the interpreter (tests also run 32: 2 x 2 tiles each)
+SUPER = 128  # the table-gradient grid on a GPU: at least every BLOCK_M / BLOCK_N below
 TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not worth the compile time)
 KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
        "TIME_GRAD"]
@@ -67,9 +73,12 @@ _CONFIGS = {
     ("fwd", 64, True): [(128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
     ("fwd", 128, True): [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2)],
     ("fwd", 256, True): [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2)],
-    ("dq", 64, True): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
-    ("dq", 128, True): [(32, 32, 4, 2), (128, 64, 8, 3), (64, 32, 8, 2)],
-    ("dq", 256, True): [(32, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
+    ("dq", 64, True): [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+    ("dq", 128, True): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+    ("dq", 256, True): [(64, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
+    ("band", 64, True): [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
+    ("band", 128, True): [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
+    ("band", 256, True): [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
     ("dkdv", 64, True): [(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
     ("dkdv", 128, True): [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2)],
     ("dkdv", 256, True): [(32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 8, 2)],
@@ -89,7 +98,7 @@ _TUNERS: dict[tuple[str, int, bool], object] = {}  # one autotuner per (kernel, 
 def _tuned(kind: str, block_d: int, heavy: bool):
     if (kind, block_d, heavy) not in _TUNERS:
         bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
-        reset = ["DPTAB", "DTTAB"] if kind == "dq" else None
+        reset = ["DPTAB", "DTTAB"] if kind in ("dq", "band") else None
         _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY, reset_to_zero=reset,
                                                         do_bench=bench)(_KERNELS[kind])
     return _TUNERS[kind, block_d, heavy]
@@ -107,7 +116,7 @@ def _tiles(rows: int, block: int) -> int:
     return min(max(1, triton.cdiv(rows, block)), 65535)
 
 
-_KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dkdv": hstu_dkdv_kernel}
+_KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dkdv": hstu_dkdv_kernel, "band": hstu_band_grad_kernel}
 _PINNED: dict[str, triton.Config] = {}  # set only inside pinned(): benchmarks and tuning sweeps
 
 
@@ -115,7 +124,7 @@ _PINNED: dict[str, triton.Config] = {}  # set only inside pinned(): benchmarks a
 def pinned(**configs: tuple[int, int, int, int]):
     """Run kernels with exactly the given ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` inside the block,
     bypassing the autotuner, e.g. ``with pinned(fwd=(128, 128, 8, 3)): ...`` (kinds ``fwd``, ``dq``,
-    ``dkdv``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
+    ``dkdv``, ``band``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
     unknown = set(configs) - set(_KERNELS)
     if unknown:
         raise ValueError(f"pinned: unknown kernel kinds {sorted(unknown)}; kinds are {sorted(_KERNELS)}")
@@ -129,12 +138,14 @@ def pinned(**configs: tuple[int, int, int, int]):
 
 
 def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tuple, meta: dict) -> None:
-    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dkdv``) over ``(num_samples, num_heads, cdiv(grid_rows,
-    tile))`` programs; the tile is BLOCK_M (fwd, dq) or BLOCK_N (dkdv). Tiles on the slowest axis: the GPU
-    starts every sample's and head's first tile (the heaviest causal one) before any second tile."""
+    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dkdv`` | ``band``) over ``(num_samples, num_heads,
+    cdiv(grid_rows, tile))`` programs; the tile is BLOCK_M (fwd, dq, band) or BLOCK_N (dkdv). Tiles on the
+    slowest axis: the GPU starts every sample's and head's first tile (the heaviest causal one) before any
+    second tile."""
     block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
-    if kind == "dq":  # see triton_common.scatter_add_grad
-        meta = {**meta, "FEW_BUCKETS": 4 if interpreting() else 128}
+    if kind in ("dq", "band"):  # see triton_common.scatter_add_grad
+        meta = {**meta, "FEW_BUCKETS": 4 if interpreting() else 128,
+                "SUPER": INTERPRET_SUPER if interpreting() else SUPER}
     if interpreting():
         _interpreter_index_fix()
         tiles = {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
