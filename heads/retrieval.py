@@ -10,7 +10,8 @@ of an item table::
 Training (:func:`sampled_softmax_loss`): for each query, the positive against sampled negatives: uniform over
 the corpus (one set per row, or one set shared by the batch) or in-batch (the other rows' positives). A
 negative that *is* the row's positive (an accidental hit) is masked out, so it is neither a positive nor a
-negative.
+negative. ``full``: against every other item of the corpus (:func:`full_softmax_loss`, the cross-entropy over
+the corpus; for catalogues small enough to score whole at every step, e.g. MovieLens or Amazon Beauty).
 
 Evaluation: :meth:`RetrievalHead.topk` and :func:`full_ranks` scan the FULL corpus in chunks of items
 (``[M, chunk]`` scores at a time, never ``[M, num_items]``). Ranks are 1-based and *pessimistic*: an item
@@ -64,6 +65,14 @@ def sampled_softmax_loss(
     return -torch.log_softmax(logits, dim=1)[:, 0].sum()
 
 
+def full_softmax_loss(query: torch.Tensor, items: torch.Tensor, positive_ids: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Summed cross-entropy of each row's positive over the whole corpus: ``query [M, D]``, ``items [N, D]``
+    (both normalised), ``positive_ids [M]``. Equals :func:`sampled_softmax_loss` with every item as a negative
+    (the row's own positive masked out as an accidental hit)."""
+    return F.cross_entropy(query @ items.T / temperature, positive_ids, reduction="sum")
+
+
 class RetrievalHead(nn.Module):
     """Next-item head: query projection, item table, sampled softmax, full-corpus top-k.
 
@@ -74,7 +83,8 @@ class RetrievalHead(nn.Module):
         item_table: the input item table to share (e.g. ``TokenEmbedder.table("item")``); ``None``: a
             separate output table of ``num_items x item_dim``.
         temperature: softmax temperature on cosines.
-        num_negatives: negatives per row (``uniform``) or per batch (``uniform_shared``); unused for ``in_batch``.
+        num_negatives: negatives per row (``uniform``) or per batch (``uniform_shared``); unused for ``in_batch``
+            and ``full``.
         negatives: a :class:`Negatives`.
 
     Example::
@@ -118,6 +128,8 @@ class RetrievalHead(nn.Module):
     def loss(self, h: torch.Tensor, positive_ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Summed sampled-softmax loss of ``h: [M, d_model]`` predicting ``positive_ids: [M]`` (divide by M for a mean)."""
         q = self.query(h)
+        if self.negatives is Negatives.FULL:
+            return full_softmax_loss(q, self.item_embeddings(), positive_ids, self.temperature)
         pos = self.item_embeddings(positive_ids)
         if self.negatives is Negatives.IN_BATCH:
             neg_ids = positive_ids

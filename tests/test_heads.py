@@ -162,6 +162,21 @@ def test_head_loss_in_batch_and_uniform_match_the_explicit_computation():
     assert got.item() == pytest.approx(sampled_softmax_loss(q, e[ids], ids, e[neg_ids], neg_ids, 0.1).item(), rel=1e-6)
 
 
+def test_full_softmax_is_sampled_softmax_over_the_whole_corpus():
+    torch.manual_seed(1)
+    h = torch.randn(6, 8)
+    ids = torch.tensor([0, 3, 3, 9, 5, 1])
+    head = RetrievalHead(8, num_items=10, item_dim=4, negatives="full", temperature=0.2)
+    q = torch.nn.functional.normalize(head.proj(h), dim=-1)
+    e = torch.nn.functional.normalize(head.items.weight, dim=-1)
+    every = torch.arange(10)  # every item a negative; each row's own positive masked as an accidental hit
+    want = sampled_softmax_loss(q, e[ids], ids, e, every, 0.2)
+    got = head.loss(h, ids)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    got.backward()  # every item row gets a gradient, not only the positives'
+    assert (head.items.weight.grad.abs().sum(1) > 0).all()
+
+
 def test_shared_item_table_is_the_input_table():
     table = torch.nn.Embedding(10, 6)
     head = RetrievalHead(6, num_items=10, item_dim=6, item_table=table)

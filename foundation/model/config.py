@@ -41,11 +41,12 @@ class HeadKind(str, enum.Enum):
 
 
 class Negatives(str, enum.Enum):
-    """Where the next-item head's sampled-softmax negatives come from (:mod:`recfm.heads.retrieval`)."""
+    """Where the next-item head's softmax negatives come from (:mod:`recfm.heads.retrieval`)."""
 
     UNIFORM = "uniform"  # num_negatives ids per row, uniform over the corpus (HSTU's recipe)
     UNIFORM_SHARED = "uniform_shared"  # one set of num_negatives uniform ids shared by every row of the batch
     IN_BATCH = "in_batch"  # the positives of the batch's rows
+    FULL = "full"  # every item of the corpus: the full softmax cross-entropy (affordable for corpora of ~1e4-1e5)
 
 
 def _positive(problems: list[str], section: str, **values) -> None:
