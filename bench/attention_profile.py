@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--rows", nargs="*", help="keep rows whose label contains one of these words")
     default_out = Path(__file__).resolve().parent / "results" / "attention_profile.json"
     parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args(argv)
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"{'row':32s} " + " ".join(f"{kind + ' ms':>8s}" for kind in KINDS) + f" {'all ms':>8s} {'check':>8s}")
     for label, variant, pins in ROWS:
+        if args.rows and not any(word in label for word in args.rows):
+            continue
         kernels = profile_row(variant, pins, args.steps, args.length, args.tokens)
         check = check_row(variant, pins)
         rows.append(dict(row=label, variant=variant, pinned=pins, kernels_ms=kernels, check=check))

@@ -24,22 +24,23 @@ import triton.language as tl
 from recfm.kernels.hstu_attention.triton_common import (
     add_bias,
     allowed_tile,
+    band_grads_add,
     bias_spans,
     chunk_ranges,
     dot,
     flat_grads_add,
-    flush_flat_grads,
+    flush_band_time,
+    flush_clamped,
+    flush_time,
     key_ranges,
     key_tile,
     load_rows,
-    pos_grad_add,
     query_ranges,
     query_tile,
     silu_parts,
     spans_flat,
     store_rows,
     tile_span,
-    time_grad_add,
 )
 
 
@@ -185,7 +186,7 @@ def _ds_tile(q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_
 
 
 @triton.jit
-def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
+def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
              ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
              DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr,
              D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
@@ -207,12 +208,9 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, q, do, inv_n, row_ok, pos_q, t
                 q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS,
                 TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV,
                 D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
-            if POS_GRAD:
-                pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS, BLOCK_M,
-                             BLOCK_N)
-            if TIME_GRAD:
-                time_grad_add(DTTAB, tt_q[:, None], tt_k[None, :], b_lo, b_hi, ds, row_ok[:, None] & col_ok[None, :],
-                              TBND, NUM_TB, inv_log2_base, FEW_BUCKETS)
+            pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
+                                               pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
+                                               FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
     else:
         ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
             q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, TS, TT,
@@ -224,7 +222,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, q, do, inv_n, row_ok, pos_q, t
                 pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
                     ds, tt_q[:, None], tt_k[None, :], sd_lo, sb_lo, sb_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
                     P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
-    return dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi
+    return dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb
 
 
 @triton.jit
@@ -234,7 +232,7 @@ def _dq_program(
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
-    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The query-major backward: the forward's loop over key tiles per query tile, see the two kernels."""
@@ -273,6 +271,8 @@ def _dq_program(
     tb = 0
     tg_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     tg_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    TBW: tl.constexpr = TB_PAD if BAND else 1  # the band kernel's per-bucket row sums
+    tgb = tl.zeros([BLOCK_M, TBW], dtype=tl.float32)
     for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
         rows, row_ok, pos_q, type_q, ts_q, tt_q, ev_q = query_tile(
             QTOK, TYPE, TS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
@@ -296,31 +296,36 @@ def _dq_program(
                                                               BLOCK_N)
         dqa = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
         for start_n in range(0, free_end, BLOCK_N):
-            dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi = _dq_step(
-                dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
+            dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
+                dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
                 ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
                 DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False, MASK_MODE, HAS_POS,
                 HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND,
                 SUPER)
         for start_n in range(free_end, masked_end, BLOCK_N):
-            dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi = _dq_step(
-                dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
+            dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
+                dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
                 ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
                 DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE, HAS_POS,
                 HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND,
                 SUPER)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
-                dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi = _dq_step(
-                    dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi,
+                dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
+                    dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi,
                     ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0,
                     kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
                     MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
                     TIME_GRAD, BLOCK_M, BAND, SUPER)
         if not BAND:
             store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)
-    if not BAND:
-        flush_flat_grads(DPTAB, DTTAB, pg_lo, pg_hi, tb, tg_lo, tg_hi, P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
+    if POS_GRAD:
+        flush_clamped(DPTAB, pg_lo, pg_hi, P_HALF)
+    if TIME_GRAD:
+        if BAND:
+            flush_band_time(DTTAB, tgb, NUM_TB)
+        else:
+            flush_time(DTTAB, tb, tg_lo, tg_hi, NUM_TB)
 
 
 @triton.jit
@@ -330,7 +335,7 @@ def hstu_dq_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
-    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DQ ``[N_q, H, D_QK]`` (input dtype), and the table gradients of the flat ``SUPER x SUPER`` tiles
@@ -340,7 +345,7 @@ def hstu_dq_kernel(
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, GROUP,
                 D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, False, SUPER, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                TIME_GRAD, False, SUPER, TB_PAD, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
 
 @triton.jit
@@ -350,15 +355,15 @@ def hstu_band_grad_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
-    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The table gradients of the ``SUPER x SUPER`` tiles that are not flat (near the diagonal, or across
-    several time buckets), which :func:`hstu_dq_kernel` leaves out: ``dS`` recomputed in small tiles, added per
-    tile (diagonal sums, per-bucket sums, atomics; :func:`.triton_common.pos_grad_add`,
-    :func:`.triton_common.time_grad_add`). DQ is not written. Launched only when a table needs its gradient;
+    several time buckets), which :func:`hstu_dq_kernel` leaves out: ``dS`` recomputed in small tiles
+    (:func:`.triton_common.band_grads_add`: diagonal sums for the position table, per-bucket row sums in
+    registers for the time table). DQ is not written. Launched only when a table needs its gradient;
     BLOCK_M and BLOCK_N divide SUPER."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, GROUP,
                 D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, True, SUPER, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                TIME_GRAD, True, SUPER, TB_PAD, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)

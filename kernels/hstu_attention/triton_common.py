@@ -209,7 +209,7 @@ def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg
     both ``[BLOCK_M]``. Time: ``tg_lo`` / ``tg_hi`` ``[BLOCK_M]`` hold the row sums of buckets ``tb`` and
     ``tb + 1``; a tile whose low bucket is not ``tb`` first adds them to DTTAB (two atomics) and moves ``tb``
     (rare: a query tile's keys cross few bucket boundaries, mostly in order). Row sums stay within a warp;
-    :func:`flush_flat_grads` adds what is left once per program."""
+    :func:`flush_clamped` and :func:`flush_time` add what is left once per program."""
     rs = tl.sum(ds, axis=1)
     if POS_GRAD:
         above = d_lo >= P_HALF
@@ -229,6 +229,44 @@ def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg
 
 
 @triton.jit
+def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi, pg_lo, pg_hi, tgb, DPTAB, TBND,
+                   P_HALF, NUM_TB, inv_log2_base, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
+                   TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Table gradients of a tile of the band kernel (``[d_lo, d_hi]``, ``[b_lo, b_hi]`` its spans; ``ds`` zero
+    outside the mask). Position: a tile past the clamp adds its row sums to ``pg_lo`` / ``pg_hi`` as in
+    :func:`flat_grads_add`, others take :func:`pos_grad_add` (diagonal sums). Time: per-bucket row sums go to
+    column ``c`` of ``tgb`` ``[BLOCK_M, TB_PAD]`` (one pass over the tile per bucket it holds, reductions within
+    a warp, no atomics); :func:`flush_band_time` adds ``tgb`` once per program."""
+    rs = tl.sum(ds, axis=1)
+    if POS_GRAD:
+        if (d_lo >= P_HALF) | (d_hi <= -P_HALF):
+            above = d_lo >= P_HALF
+            pg_hi += tl.where(above, rs, 0.0)
+            pg_lo += tl.where(above, 0.0, rs)
+        else:
+            pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS, BLOCK_M, BLOCK_N)
+    if TIME_GRAD:
+        col = tl.arange(0, tgb.shape[1])[None, :]
+        if b_hi - b_lo <= 1:
+            bound = tl.load(TBND + b_lo, mask=b_hi > b_lo, other=INT_MAX)
+            high = tl.sum(tl.where(tl.abs(tt_q[:, None] - tt_k[None, :]) >= bound, ds, 0.0), axis=1)
+            tgb += tl.where(col == b_hi, high[:, None], 0.0) + tl.where(col == b_lo, (rs - high)[:, None], 0.0)
+        else:
+            bucket = time_bucket(tt_q[:, None], tt_k[None, :], TBND, NUM_TB, inv_log2_base)
+            for c in range(b_lo, b_hi + 1):
+                part = tl.sum(tl.where(bucket == c, ds, 0.0), axis=1)
+                tgb += tl.where(col == c, part[:, None], 0.0)
+    return pg_lo, pg_hi, tgb
+
+
+@triton.jit
+def flush_band_time(DTTAB, tgb, NUM_TB):
+    """``DTTAB[c] += sum_i tgb[i, c]`` for the table's columns (one vector atomic)."""
+    col = tl.arange(0, tgb.shape[1])
+    tl.atomic_add(DTTAB + col, tl.sum(tgb, axis=0), mask=col < NUM_TB, sem="relaxed")
+
+
+@triton.jit
 def flush_time(DTTAB, tb, tg_lo, tg_hi, NUM_TB):
     """``DTTAB[tb] += sum(tg_lo)``, ``DTTAB[tb + 1] += sum(tg_hi)`` (the second only inside the table)."""
     tl.atomic_add(DTTAB + tb, tl.sum(tg_lo, axis=0), sem="relaxed")
@@ -236,32 +274,11 @@ def flush_time(DTTAB, tb, tg_lo, tg_hi, NUM_TB):
 
 
 @triton.jit
-def flush_flat_grads(DPTAB, DTTAB, pg_lo, pg_hi, tb, tg_lo, tg_hi, P_HALF, NUM_TB, POS_GRAD: tl.constexpr,
-                     TIME_GRAD: tl.constexpr):
-    """Add the registers of :func:`flat_grads_add` to the gradient buffers (table pointers at the head's
-    row): two scalar atomics per table."""
-    if POS_GRAD:
-        tl.atomic_add(DPTAB, tl.sum(pg_lo, axis=0), sem="relaxed")
-        tl.atomic_add(DPTAB + 2 * P_HALF, tl.sum(pg_hi, axis=0), sem="relaxed")
-    if TIME_GRAD:
-        flush_time(DTTAB, tb, tg_lo, tg_hi, NUM_TB)
-
-
-@triton.jit
-def time_grad_add(DTAB, ts_q, ts_k, b_lo, b_hi, ds, valid, TBND, NUM_TB, inv_log2_base, FEW_BUCKETS: tl.constexpr):
-    """Time-bias gradient of a tile, ``DTAB[time_bucket_ij] += ds_ij`` over ``valid``, by the tile's bucket
-    span (:func:`add_bias`): one atomic within one bucket, two across one boundary, else
-    :func:`scatter_add_grad`."""
-    if b_lo == b_hi:
-        tl.atomic_add(DTAB + b_lo, tl.sum(tl.sum(tl.where(valid, ds, 0.0), axis=1), axis=0), sem="relaxed")
-    elif b_hi == b_lo + 1:
-        ds = tl.where(valid, ds, 0.0)
-        up = tl.abs(ts_q - ts_k) >= tl.load(TBND + b_lo)
-        high = tl.sum(tl.sum(tl.where(up, ds, 0.0), axis=1), axis=0)
-        tl.atomic_add(DTAB + b_hi, high, sem="relaxed")
-        tl.atomic_add(DTAB + b_lo, tl.sum(tl.sum(ds, axis=1), axis=0) - high, sem="relaxed")
-    else:
-        scatter_add_grad(DTAB, time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base), ds, valid, FEW_BUCKETS)
+def flush_clamped(DPTAB, pg_lo, pg_hi, P_HALF):
+    """Add the clamped position gradients of :func:`flat_grads_add` / :func:`band_grads_add` (table pointer at
+    the head's row): two scalar atomics."""
+    tl.atomic_add(DPTAB, tl.sum(pg_lo, axis=0), sem="relaxed")
+    tl.atomic_add(DPTAB + 2 * P_HALF, tl.sum(pg_hi, axis=0), sem="relaxed")
 
 
 @triton.jit

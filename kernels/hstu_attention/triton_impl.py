@@ -121,7 +121,8 @@ class _HSTUAttention(torch.autograd.Function):
             launch("dkdv", plan.max_len, plan.num_samples, plan.num_heads // plan.group,
                    (q_sorted, k, v, do, dk, dv, *tail), plan.meta)
             grads = dict(POS_GRAD=pos_bias is not None and ctx.needs_input_grad[3],
-                         TIME_GRAD=time_bias is not None and ctx.needs_input_grad[4])
+                         TIME_GRAD=time_bias is not None and ctx.needs_input_grad[4],
+                         TB_PAD=triton.next_power_of_2(plan.time_shape[1]) if plan.time_shape else 1)
             args = (q_sorted, k, v, do, dq, dpos, dtime, *tail)
             launch("dq", plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.meta, **grads})
             if grads["POS_GRAD"] or grads["TIME_GRAD"]:  # the table gradients of the tiles dq leaves out
