@@ -17,18 +17,21 @@ from pathlib import Path
 
 LIGHT = dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 3), dkdv=(64, 128, 8, 3))  # the sweep's best, no tables
 HEAVY = dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(32, 128, 8, 3), band=(32, 32, 4, 2))  # with tables
-ALT = dict(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 3), dkdv=(32, 128, 8, 3), band=(64, 32, 4, 2))
+INLINE = dict(fwd=(128, 64, 8, 3), dq_inline=(32, 32, 4, 2), dkdv=(32, 128, 8, 3))  # one dQ pass for the tables
+INLINE_64 = dict(INLINE, dq_inline=(64, 32, 8, 2))
 KINDS = ("fwd", "dq", "band", "dkdv")
-ROWS = [  # (label, sweep variant, pinned block sizes)
-    ("no tables, light blocks", "mixed-nobias", LIGHT),
-    ("position table", "mixed-pos", HEAVY),
-    ("time table", "mixed-time", HEAVY),
-    ("both tables", "mixed", HEAVY),
-    ("both tables, other blocks", "mixed", ALT),
+ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band)
+    ("no tables, light blocks", "mixed-nobias", LIGHT, True),
+    ("position table", "mixed-pos", HEAVY, True),
+    ("time table", "mixed-time", HEAVY, True),
+    ("both tables", "mixed", HEAVY, True),
+    ("both tables, one dQ pass", "mixed", INLINE, False),
+    ("both tables, one dQ pass 64x32", "mixed", INLINE_64, False),
 ]
 
 
 def profile_row(variant: str, pins: dict, steps: int, length: int, tokens: int) -> dict:
+    """Mean CUDA ms per forward+backward of each kernel (``dq_inline`` is reported as ``dq``)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -81,12 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     print(f"{'row':32s} " + " ".join(f"{kind + ' ms':>8s}" for kind in KINDS) + f" {'all ms':>8s} {'check':>8s}")
-    for label, variant, pins in ROWS:
+    from recfm.kernels.hstu_attention import triton_launch
+
+    for label, variant, pins, split in ROWS:
         if args.rows and not any(word in label for word in args.rows):
             continue
+        triton_launch.SPLIT_FROM_LEN = 0 if split else 1 << 30  # both the profile and the check follow the row
         kernels = profile_row(variant, pins, args.steps, args.length, args.tokens)
         check = check_row(variant, pins)
-        rows.append(dict(row=label, variant=variant, pinned=pins, kernels_ms=kernels, check=check))
+        rows.append(dict(row=label, variant=variant, pinned=pins, split=split, kernels_ms=kernels, check=check))
         ms = [kernels.get(f"hstu_{'band_grad' if kind == 'band' else kind}_kernel", 0.0) for kind in KINDS]
         total = sum(kernels.values())
         print(f"{label:32s} " + " ".join(f"{t:8.3f}" for t in ms) + f" {total:8.3f} {check:8.1e}", flush=True)

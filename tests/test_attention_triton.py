@@ -163,13 +163,16 @@ def tile_path_batch():
 
 
 @pytest.mark.parametrize("mode", ["full", "causal", "mixed"])
-@pytest.mark.parametrize("base, grid", [(2.0, 16), (1.5, 16), (2.0, 32)])
+@pytest.mark.parametrize("base, grid", [(2.0, None), (1.5, None), (2.0, 16), (1.5, 16), (2.0, 32)])
 def test_bias_tile_paths(mode, base, grid, monkeypatch):
-    # a wrong scalar, select or clamp on any per-tile path changes the output or a table gradient. The table
-    # gradients of flat grid cells are added by the dQ kernel, the others by the band kernel: a grid of one
-    # tile sends every flat tile to the dQ kernel's registers, a grid of 2 x 2 tiles sends flat tiles of
-    # mixed cells to the band kernel's per-tile paths
-    monkeypatch.setattr(triton_launch, "INTERPRET_SUPER", grid)
+    # a wrong scalar, select or clamp on any per-tile path changes the output or a table gradient. Grid None:
+    # one dQ pass adds every tile's table gradients (short batches). Otherwise the split of long batches: the
+    # dQ kernel adds those of flat grid cells, the band kernel the others; a grid of one tile sends every
+    # flat tile to the dQ kernel's registers, a grid of 2 x 2 tiles sends flat tiles of mixed cells to the
+    # band kernel
+    if grid is not None:
+        monkeypatch.setattr(triton_launch, "SPLIT_FROM_LEN", 0)
+        monkeypatch.setattr(triton_launch, "INTERPRET_SUPER", grid)
     q, k, v, offsets, types, stamps = tile_path_batch()
     kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
               time_bucket_base=base)

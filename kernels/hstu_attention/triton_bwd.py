@@ -192,12 +192,13 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
              D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
-             TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr):
+             TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr,
+             INLINE: tl.constexpr):
     """One key tile of :func:`_dq_program`: ``dQ += dS k`` and the table gradients of flat super-tiles
     (``BAND`` false), or only the table gradients of the other super-tiles (``BAND`` true)."""
     GRADS: tl.constexpr = POS_GRAD or TIME_GRAD
     flat = True
-    if GRADS:  # the SUPER x SUPER tile holding this one decides which pass adds its table gradients
+    if GRADS and not INLINE:  # the SUPER x SUPER tile holding this one decides which kernel adds its gradients
         sk_lo, sk_hi, skt_lo, skt_hi = tile_span(KEXT, kc0, kc1, (start_n // SUPER) * SUPER, SUPER, HAS_POS, HAS_TIME)
         sd_lo, sd_hi, sb_lo, sb_hi = bias_spans(sq_lo, sq_hi, sqt_lo, sqt_hi, sk_lo, sk_hi, skt_lo, skt_hi, TBND,
                                                 NUM_TB, inv_log2_base, HAS_TIME)
@@ -217,7 +218,16 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
             POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
             MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
-        if GRADS:
+        if GRADS and INLINE:  # every tile here, by its own spans
+            if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
+                pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
+                    ds, tt_q[:, None], tt_k[None, :], d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
+                    P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
+            else:
+                pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
+                                                   pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
+                                                   FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
+        elif GRADS:
             if flat:
                 pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
                     ds, tt_q[:, None], tt_k[None, :], sd_lo, sb_lo, sb_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
@@ -233,6 +243,7 @@ def _dq_program(
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
+    INLINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The query-major backward: the forward's loop over key tiles per query tile, see the two kernels."""
@@ -271,7 +282,7 @@ def _dq_program(
     tb = 0
     tg_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     tg_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
-    TBW: tl.constexpr = TB_PAD if BAND else 1  # the band kernel's per-bucket row sums
+    TBW: tl.constexpr = TB_PAD if BAND or INLINE else 1  # per-bucket row sums of non-flat tiles
     tgb = tl.zeros([BLOCK_M, TBW], dtype=tl.float32)
     for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
         rows, row_ok, pos_q, type_q, ts_q, tt_q, ev_q = query_tile(
@@ -289,7 +300,7 @@ def _dq_program(
         sq_lo, sq_hi, sqt_lo, sqt_hi = 0, 0, 0, 0
         if HAS_POS or HAS_TIME:
             evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, m * BLOCK_M, BLOCK_M, HAS_POS, HAS_TIME)
-        if POS_GRAD or TIME_GRAD:
+        if (POS_GRAD or TIME_GRAD) and (BAND or not INLINE):
             sq_lo, sq_hi, sqt_lo, sqt_hi = tile_span(QEXT, qc0, qc1, (m * BLOCK_M // SUPER) * SUPER, SUPER, HAS_POS,
                                                      HAS_TIME)
         free_end, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b,
@@ -301,14 +312,14 @@ def _dq_program(
                 ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
                 DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False, MASK_MODE, HAS_POS,
                 HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND,
-                SUPER)
+                SUPER, INLINE)
         for start_n in range(free_end, masked_end, BLOCK_N):
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
                 dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, type_q, ts_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
                 ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
                 DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE, HAS_POS,
                 HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND,
-                SUPER)
+                SUPER, INLINE)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
                 dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
@@ -316,15 +327,15 @@ def _dq_program(
                     ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, TS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0,
                     kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
                     MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-                    TIME_GRAD, BLOCK_M, BAND, SUPER)
+                    TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
         if not BAND:
             store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)
     if POS_GRAD:
         flush_clamped(DPTAB, pg_lo, pg_hi, P_HALF)
     if TIME_GRAD:
-        if BAND:
+        if BAND or INLINE:
             flush_band_time(DTTAB, tgb, NUM_TB)
-        else:
+        if not BAND:
             flush_time(DTTAB, tb, tg_lo, tg_hi, NUM_TB)
 
 
@@ -336,16 +347,18 @@ def hstu_dq_kernel(
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INLINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """DQ ``[N_q, H, D_QK]`` (input dtype), and the table gradients of the flat ``SUPER x SUPER`` tiles
-    (:func:`.triton_common.spans_flat`: almost all tiles away from the diagonal) accumulated in registers and
-    added once per program to DPTAB/DTTAB, fp32 buffers laid out like the tables (only when POS_GRAD /
-    TIME_GRAD)."""
+    """DQ ``[N_q, H, D_QK]`` (input dtype), and the table gradients (only when POS_GRAD / TIME_GRAD) into
+    DPTAB/DTTAB, fp32 buffers laid out like the tables, accumulated in registers and added once per program.
+    Flat tiles (:func:`.triton_common.spans_flat`: almost all tiles away from the diagonal) add row sums; with
+    ``INLINE`` every other tile adds its own (:func:`.triton_common.band_grads_add`: short samples, where most
+    tiles are near the diagonal), else only the tiles of flat ``SUPER x SUPER`` cells are done here and
+    :func:`hstu_band_grad_kernel` does the rest (long samples: dQ keeps large tiles)."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, GROUP,
                 D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, False, SUPER, TB_PAD, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                TIME_GRAD, False, SUPER, TB_PAD, INLINE, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
 
 @triton.jit
@@ -356,7 +369,7 @@ def hstu_band_grad_kernel(
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INLINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The table gradients of the ``SUPER x SUPER`` tiles that are not flat (near the diagonal, or across
     several time buckets), which :func:`hstu_dq_kernel` leaves out: ``dS`` recomputed in small tiles
@@ -366,4 +379,4 @@ def hstu_band_grad_kernel(
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, TS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, GROUP,
                 D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, True, SUPER, TB_PAD, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                TIME_GRAD, True, SUPER, TB_PAD, False, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)

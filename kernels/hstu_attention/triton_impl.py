@@ -23,6 +23,7 @@ import triton
 from recfm.errors import RecfmError
 from recfm.foundation.model.mask import MaskMode
 from recfm.kernels.hstu_attention.reference import Normaliser
+from recfm.kernels.hstu_attention import triton_launch
 from recfm.kernels.hstu_attention.triton_launch import interpreting, launch
 from recfm.kernels.hstu_attention.triton_meta import token_metadata
 
@@ -124,8 +125,11 @@ class _HSTUAttention(torch.autograd.Function):
                          TIME_GRAD=time_bias is not None and ctx.needs_input_grad[4],
                          TB_PAD=triton.next_power_of_2(plan.time_shape[1]) if plan.time_shape else 1)
             args = (q_sorted, k, v, do, dq, dpos, dtime, *tail)
-            launch("dq", plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.meta, **grads})
-            if grads["POS_GRAD"] or grads["TIME_GRAD"]:  # the table gradients of the tiles dq leaves out
+            table_grads = grads["POS_GRAD"] or grads["TIME_GRAD"]
+            split = table_grads and plan.max_len >= triton_launch.SPLIT_FROM_LEN
+            kind = "dq_inline" if table_grads and not split else "dq"
+            launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.meta, **grads})
+            if split:  # the table gradients of the cells dq leaves out
                 launch("band", plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.meta, **grads})
         grad_pos = dpos.to(pos_bias.dtype) if pos_bias is not None and ctx.needs_input_grad[3] else None
         grad_time = dtime.to(time_bias.dtype) if time_bias is not None and ctx.needs_input_grad[4] else None

@@ -5,9 +5,10 @@ Batches with ``max_len < TUNE_FROM_LEN`` use one fixed config per kernel. Otherw
 dtypes, so one GPU run picks a config per shape class. The dQ and band kernels' bias-gradient buffers are
 reset between trials (``reset_to_zero``) because they accumulate into them with atomics.
 
-The table gradients are split between the dQ kernel (flat ``SUPER x SUPER`` tiles, in registers) and the
-band kernel (the others, in small tiles): both judge flatness on the same ``SUPER``-aligned grid, which
-every block size of both divides.
+From ``SPLIT_FROM_LEN`` on, the table gradients are split between the dQ kernel (flat ``SUPER x SUPER``
+cells, in registers, large tiles) and the band kernel (the other cells, small tiles): both judge flatness on
+the same ``SUPER``-aligned grid, which every block size of both divides. Shorter batches, where most tiles
+lie near the diagonal, compute all of them in one dQ pass (``dq_inline``, small tiles).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from recfm.kernels.hstu_attention.triton_fwd import hstu_fwd_kernel
 INTERPRET_BLOCK = 16  # tiny tiles under TRITON_INTERPRET=1 (tests)
 INTERPRET_SUPER = 16  # the table-gradient grid under the interpreter (tests also run 32: 2 x 2 tiles each)
 SUPER = 128  # the table-gradient grid on a GPU: at least every BLOCK_M / BLOCK_N below
+SPLIT_FROM_LEN = 2048  # from this max_len on, table gradients split between dq and band (else dq_inline)
 TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not worth the compile time)
 KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
        "TIME_GRAD"]
@@ -76,6 +78,9 @@ _CONFIGS = {
     ("dq", 64, True): [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
     ("dq", 128, True): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
     ("dq", 256, True): [(64, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
+    ("dq_inline", 64, True): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
+    ("dq_inline", 128, True): [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+    ("dq_inline", 256, True): [(32, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
     ("band", 64, True): [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
     ("band", 128, True): [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
     ("band", 256, True): [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
@@ -98,7 +103,7 @@ _TUNERS: dict[tuple[str, int, bool], object] = {}  # one autotuner per (kernel, 
 def _tuned(kind: str, block_d: int, heavy: bool):
     if (kind, block_d, heavy) not in _TUNERS:
         bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
-        reset = ["DPTAB", "DTTAB"] if kind in ("dq", "band") else None
+        reset = ["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "band") else None
         _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY, reset_to_zero=reset,
                                                         do_bench=bench)(_KERNELS[kind])
     return _TUNERS[kind, block_d, heavy]
@@ -116,7 +121,8 @@ def _tiles(rows: int, block: int) -> int:
     return min(max(1, triton.cdiv(rows, block)), 65535)
 
 
-_KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dkdv": hstu_dkdv_kernel, "band": hstu_band_grad_kernel}
+_KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dq_inline": hstu_dq_kernel, "dkdv": hstu_dkdv_kernel,
+            "band": hstu_band_grad_kernel}
 _PINNED: dict[str, triton.Config] = {}  # set only inside pinned(): benchmarks and tuning sweeps
 
 
@@ -124,7 +130,7 @@ _PINNED: dict[str, triton.Config] = {}  # set only inside pinned(): benchmarks a
 def pinned(**configs: tuple[int, int, int, int]):
     """Run kernels with exactly the given ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` inside the block,
     bypassing the autotuner, e.g. ``with pinned(fwd=(128, 128, 8, 3)): ...`` (kinds ``fwd``, ``dq``,
-    ``dkdv``, ``band``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
+    ``dkdv``, ``band``, ``dq_inline``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
     unknown = set(configs) - set(_KERNELS)
     if unknown:
         raise ValueError(f"pinned: unknown kernel kinds {sorted(unknown)}; kinds are {sorted(_KERNELS)}")
@@ -138,14 +144,14 @@ def pinned(**configs: tuple[int, int, int, int]):
 
 
 def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tuple, meta: dict) -> None:
-    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dkdv`` | ``band``) over ``(num_samples, num_heads,
+    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dq_inline`` | ``dkdv`` | ``band``) over ``(num_samples, num_heads,
     cdiv(grid_rows, tile))`` programs; the tile is BLOCK_M (fwd, dq, band) or BLOCK_N (dkdv). Tiles on the
     slowest axis: the GPU starts every sample's and head's first tile (the heaviest causal one) before any
     second tile."""
     block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
-    if kind in ("dq", "band"):  # see triton_common.scatter_add_grad
+    if kind in ("dq", "dq_inline", "band"):  # see triton_common.scatter_add_grad
         meta = {**meta, "FEW_BUCKETS": 4 if interpreting() else 128,
-                "SUPER": INTERPRET_SUPER if interpreting() else SUPER}
+                "SUPER": INTERPRET_SUPER if interpreting() else SUPER, "INLINE": kind == "dq_inline"}
     if interpreting():
         _interpreter_index_fix()
         tiles = {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
