@@ -61,7 +61,7 @@ def test_bad_model_yaml_reports_every_problem(tmp_path):
         f"{f}: extra: unknown key (known keys: name, backbone, adapter, head, retrieval)",
         f"{f}: backbone.layer.num_kv_heads: must divide num_heads=3, got 2",
         f"{f}: head.tower: unknown key (did you mean 'tower_dim'?)",
-        f"{f}: retrieval.negatives: 'random' is not one of: uniform, uniform_shared, in_batch",
+        f"{f}: retrieval.negatives: 'random' is not one of: uniform, uniform_shared, in_batch, full",
     ]
 
 
