@@ -200,6 +200,21 @@ def add_bias(s, ev_q, ev_k, ts_q, ts_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND
 
 
 @triton.jit
+def clamped_rows_add(rs, d_lo, P_HALF, pg_lo, pg_hi):
+    """Row sums ``rs`` of a tile past the position clamp into ``pg_hi`` (above: bucket ``2P``) or ``pg_lo``."""
+    above = d_lo >= P_HALF
+    return pg_lo + tl.where(above, 0.0, rs), pg_hi + tl.where(above, rs, 0.0)
+
+
+@triton.jit
+def upper_rows(ds, tt_q, tt_k, b_lo, b_hi, TBND):
+    """Row sums of ``ds`` over the pairs in bucket ``b_hi`` of a tile spanning ``b_lo .. b_lo + 1`` (zeros when
+    ``b_hi == b_lo``): the split of a flat tile's time gradient by the one boundary it may straddle."""
+    bound = tl.load(TBND + b_lo, mask=b_hi > b_lo, other=INT_MAX)  # relative seconds stay below INT_MAX
+    return tl.sum(tl.where(tl.abs(tt_q - tt_k) >= bound, ds, 0.0), axis=1)
+
+
+@triton.jit
 def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND, P_HALF, NUM_TB,
                    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr):
     """Table gradients of a tile whose spans are flat (:func:`spans_flat`), added to per-program registers.
@@ -212,17 +227,14 @@ def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg
     :func:`flush_clamped` and :func:`flush_time` add what is left once per program."""
     rs = tl.sum(ds, axis=1)
     if POS_GRAD:
-        above = d_lo >= P_HALF
-        pg_hi += tl.where(above, rs, 0.0)
-        pg_lo += tl.where(above, 0.0, rs)
+        pg_lo, pg_hi = clamped_rows_add(rs, d_lo, P_HALF, pg_lo, pg_hi)
     if TIME_GRAD:
         if b_lo != tb:
             flush_time(DTTAB, tb, tg_lo, tg_hi, NUM_TB)
             tg_lo = tl.zeros_like(tg_lo)
             tg_hi = tl.zeros_like(tg_hi)
             tb = b_lo
-        bound = tl.load(TBND + b_lo, mask=b_hi > b_lo, other=INT_MAX)  # relative seconds stay below INT_MAX
-        high = tl.sum(tl.where(tl.abs(tt_q - tt_k) >= bound, ds, 0.0), axis=1)
+        high = upper_rows(ds, tt_q, tt_k, b_lo, b_hi, TBND)
         tg_hi += high
         tg_lo += rs - high
     return pg_lo, pg_hi, tb, tg_lo, tg_hi
@@ -240,16 +252,13 @@ def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo,
     rs = tl.sum(ds, axis=1)
     if POS_GRAD:
         if (d_lo >= P_HALF) | (d_hi <= -P_HALF):
-            above = d_lo >= P_HALF
-            pg_hi += tl.where(above, rs, 0.0)
-            pg_lo += tl.where(above, 0.0, rs)
+            pg_lo, pg_hi = clamped_rows_add(rs, d_lo, P_HALF, pg_lo, pg_hi)
         else:
             pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS, BLOCK_M, BLOCK_N)
     if TIME_GRAD:
         col = tl.arange(0, tgb.shape[1])[None, :]
         if b_hi - b_lo <= 1:
-            bound = tl.load(TBND + b_lo, mask=b_hi > b_lo, other=INT_MAX)
-            high = tl.sum(tl.where(tl.abs(tt_q[:, None] - tt_k[None, :]) >= bound, ds, 0.0), axis=1)
+            high = upper_rows(ds, tt_q[:, None], tt_k[None, :], b_lo, b_hi, TBND)
             tgb += tl.where(col == b_hi, high[:, None], 0.0) + tl.where(col == b_lo, (rs - high)[:, None], 0.0)
         else:
             bucket = time_bucket(tt_q[:, None], tt_k[None, :], TBND, NUM_TB, inv_log2_base)
