@@ -22,6 +22,7 @@ peak memory is the extra allocation of one forward + backward. The table is prin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run under TRITON_INTERPRET=1")
+    parser.add_argument("--untuned", action="store_true",
+                        help="no autotuning: every kernel runs the first config of its list (the sweep's best at "
+                             "L=4096; triton_launch.untuned), which saves the tuning compiles of a large matrix")
     return parser.parse_args(argv)
 
 
@@ -264,6 +268,25 @@ def main(argv: list[str] | None = None) -> int:
     heads = [(2, 16)] if args.smoke else [tuple(int(x) for x in hd.split("x")) for hd in args.heads.split(",")]
     impls = args.impls.split(",")
     masks = args.masks.split(",")
+    from recfm.kernels.hstu_attention import triton_launch
+
+    with triton_launch.untuned() if args.untuned else contextlib.nullcontext():
+        rows = run_matrix(args, lengths, tokens, heads, impls, masks, device, dtype)
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+            "torch": torch.__version__, "triton": __import__("triton").__version__, "dtype": args.dtype,
+            "flops": "fwd 4*d*pairs*h, fwd+bwd 3.5x", "untuned": args.untuned, "rows": rows,
+            "tuned_configs": triton_launch.tuned_configs()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(info, indent=1))
+    print(f"\n{info['device']}, torch {info['torch']}, triton {info['triton']}, {args.dtype}; JSON: {args.out}\n")
+    print(table(rows))
+    return 0
+
+
+def run_matrix(args, lengths, tokens, heads, impls, masks, device, dtype) -> list[dict]:
+    """Time every (length, heads, kv, mask, impl) row; print each as JSON as it completes."""
+    import torch
+
     rows, checks = [], {}
     for length in lengths:
         batch_size = max(1, tokens // length)
@@ -297,16 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                     del batch
                     if device == "cuda":
                         torch.cuda.empty_cache()
-    from recfm.kernels.hstu_attention.triton_launch import tuned_configs
-
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
-            "torch": torch.__version__, "triton": __import__("triton").__version__, "dtype": args.dtype,
-            "flops": "fwd 4*d*pairs*h, fwd+bwd 3.5x", "rows": rows, "tuned_configs": tuned_configs()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(info, indent=1))
-    print(f"\n{info['device']}, torch {info['torch']}, triton {info['triton']}, {args.dtype}; JSON: {args.out}\n")
-    print(table(rows))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -124,6 +124,7 @@ def _tiles(rows: int, block: int) -> int:
 _KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dq_inline": hstu_dq_kernel, "dkdv": hstu_dkdv_kernel,
             "band": hstu_band_grad_kernel}
 _PINNED: dict[str, triton.Config] = {}  # set only inside pinned(): benchmarks and tuning sweeps
+_UNTUNED: list[bool] = []  # non-empty only inside untuned(): benchmarks over many shape classes
 
 
 @contextlib.contextmanager
@@ -143,6 +144,19 @@ def pinned(**configs: tuple[int, int, int, int]):
         _PINNED.update(saved)
 
 
+@contextlib.contextmanager
+def untuned():
+    """Inside the block, every kernel whose batch would be autotuned runs the first config of its list (the
+    sweep's best at L = 4096) instead: one compile per kernel variant and no tuning trials. For benchmarks
+    over many shape classes, where autotuning would take most of the run; results can only be slower than
+    tuned ones."""
+    _UNTUNED.append(True)
+    try:
+        yield
+    finally:
+        _UNTUNED.pop()
+
+
 def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tuple, meta: dict) -> None:
     """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dq_inline`` | ``dkdv`` | ``band``) over ``(num_samples, num_heads,
     cdiv(grid_rows, tile))`` programs; the tile is BLOCK_M (fwd, dq, band) or BLOCK_N (dkdv). Tiles on the
@@ -160,8 +174,11 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
         return
     block_d = max(meta["BLOCK_DQK"], meta["BLOCK_DV"])
     heavy = bool(meta["HAS_POS"] or meta["HAS_TIME"])
-    if kind in _PINNED or grid_rows < TUNE_FROM_LEN:
-        cfg = _PINNED[kind] if kind in _PINNED else configs(kind, block_d, heavy)[-1]
+    if kind in _PINNED or grid_rows < TUNE_FROM_LEN or _UNTUNED:
+        if kind in _PINNED:
+            cfg = _PINNED[kind]
+        else:
+            cfg = configs(kind, block_d, heavy)[-1 if grid_rows < TUNE_FROM_LEN else 0]
         grid = (num_samples, num_heads, _tiles(grid_rows, cfg.kwargs[block]))
         _KERNELS[kind][grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return
