@@ -50,7 +50,7 @@ from recfm.configs import config_path
 from recfm.recipes.checkpoint import Checkpointer, atomic_write_bytes
 from recfm.recipes.nextitem_config import NextItemConfig, Protocol, load_nextitem_config
 from recfm.recipes.nextitem_data import NextItemData, Split, gather_batch, load_data
-from recfm.recipes.nextitem_model import METRICS, NextItemModel, evaluate, token_positions
+from recfm.recipes.nextitem_model import METRICS, NextItemModel, check_timestamps, evaluate, token_positions
 
 SELECT = "ndcg@10"  # validation metric for model selection and early stopping
 
@@ -86,6 +86,7 @@ def nextitem(config: str | Path | NextItemConfig, overrides=(), seeds=None, out=
         cfg = dataclasses.replace(cfg, out=str(out))
     device = pick_device(cfg.train.device)
     data = load_data(cfg.data, cfg.train.protocol).to(device)
+    check_timestamps(cfg, data)  # before any seed: time bias on, no timestamps -> ConfigError
     out_dir = Path(cfg.out) if cfg.out else None
     per_seed = [train_seed(cfg, data, seed, device, out_dir) for seed in cfg.seeds]
     validated = cfg.train.protocol is Protocol.STANDARD
@@ -132,6 +133,7 @@ def train_seed(cfg: NextItemConfig, data: NextItemData, seed: int, device: torch
     stopping and the best weights, ``published`` for ``max_epochs`` epochs with the final weights."""
     t = cfg.train
     validated = t.protocol is Protocol.STANDARD
+    check_timestamps(cfg, data)
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
     negatives_rng = torch.Generator(device=device).manual_seed(seed)

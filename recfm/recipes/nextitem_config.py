@@ -5,7 +5,7 @@
     name: ml-1m-hstu
     model: hstu                       # hstu | sasrec
     data:
-      dataset: ml-1m                  # ml-1m | amazon-beauty | sequences (a `user item item ...` text file)
+      dataset: ml-1m                  # ml-1m | ml-100k | amazon-beauty | sequences (a `user item item ...` text file)
       root: ../shared/data            # relative to the current working directory (or absolute)
       path: ml-1m                     # folder (or file, for `sequences`) under root, or absolute
       max_len: 200                    # the most recent items kept per input sequence
@@ -41,6 +41,7 @@ from recfm.scenarios import strict
 
 class Dataset(str, enum.Enum):
     ML_1M = "ml-1m"
+    ML_100K = "ml-100k"  # GroupLens' ratings with real Unix timestamps (the HSTU time bias can use them)
     AMAZON_BEAUTY = "amazon-beauty"
     SEQUENCES = "sequences"  # a text file, one user per line: `user item item ...`, oldest first
 

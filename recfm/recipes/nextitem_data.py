@@ -29,7 +29,14 @@ Bad input:
 
 Layout of a split (:class:`Split`): ``inputs [T]`` row ids of all users' input tokens concatenated, ``offsets
 [U+1]`` (host numpy and device copy), ``targets [T]`` (train: the next item of each token) or ``[U]`` (valid /
-test: the held-out item of each user).
+test: the held-out item of each user), and ``times [T]`` int64 Unix seconds of each input token's own item
+(cut exactly like ``inputs``; the test input's times are those of its input items, never the target's) or
+``None`` when the dataset has no real timestamps.
+
+Timestamps (:func:`read_log`): real only where the source has them -- ``ml-100k`` (always), ``ml-1m`` from
+GroupLens' ``ratings.dat``, ``amazon-beauty`` from McAuley's reviews (day resolution). The shared ML-1M copy
+(``sequences.csv``), the S3Rec Beauty sequences and ``sequences`` files have none: their readers' synthetic
+times (positions) are dropped here, so nothing downstream mistakes them for time.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import numpy as np
 import torch
 
 from recfm.errors import DataError
-from recfm.foundation.data.real import beauty, ml1m, sequences
+from recfm.foundation.data.real import beauty, ml1m, ml100k, sequences
 from recfm.recipes.nextitem_config import DataSection, Dataset, Protocol
 
 MIN_LENGTH = sequences.SHORT  # 3: a train, a valid and a test item
@@ -55,6 +62,7 @@ class Split:
     targets: torch.Tensor  # [T] (train) or [U] (valid/test) int64 item rows
     offsets: torch.Tensor  # [U+1] int64, on the device
     offsets_host: np.ndarray  # [U+1] int64
+    times: torch.Tensor | None = None  # [T] int64 Unix seconds of the input tokens; None: no real timestamps
 
     @property
     def num_users(self) -> int:
@@ -65,7 +73,8 @@ class Split:
         return np.diff(self.offsets_host)
 
     def to(self, device: torch.device | str) -> Split:
-        return Split(self.inputs.to(device), self.targets.to(device), self.offsets.to(device), self.offsets_host)
+        times = None if self.times is None else self.times.to(device)
+        return Split(self.inputs.to(device), self.targets.to(device), self.offsets.to(device), self.offsets_host, times)
 
 
 @dataclass(frozen=True)
@@ -90,8 +99,13 @@ class NextItemData:
         return {
             "source": self.source, "users": self.users, "items": self.num_items, "interactions": self.interactions,
             "skipped_short": self.skipped_short, "train_users": self.train.num_users,
-            "train_tokens": int(self.train.offsets_host[-1]),
+            "train_tokens": int(self.train.offsets_host[-1]), "timestamps": self.has_times,
         }
+
+    @property
+    def has_times(self) -> bool:
+        """Whether the splits carry real timestamps (``Split.times``)."""
+        return self.test.times is not None
 
 
 def resolve_source(section: DataSection) -> Path:
@@ -100,44 +114,62 @@ def resolve_source(section: DataSection) -> Path:
     return path if path.is_absolute() else Path(section.root) / path
 
 
-def read_log(section: DataSection) -> tuple[list[int], list[np.ndarray], str]:
-    """User ids and their chronological item ids, read by the converters' readers; and a source label."""
+def read_log(section: DataSection) -> tuple[list[int], list[np.ndarray], list[np.ndarray] | None, str]:
+    """User ids, their chronological item ids, their items' Unix timestamps (``None`` when the source has no
+    real ones; module docstring), and a source label -- read by the converters' readers."""
     src = resolve_source(section)
     if not src.exists():
         raise DataError(f"{src}: not found (data.root={section.root!r}, data.path={section.path!r}); "
                         "set data.root=... or data.path=... to where the dataset lives")
     if section.dataset is Dataset.ML_1M:
         log, layout = ml1m.read(src)
+        timed = layout.startswith("ratings.dat")  # sequences.csv: synthetic times (positions)
+    elif section.dataset is Dataset.ML_100K:
+        log, layout = _read_ml100k(src)
+        timed = True
     elif section.dataset is Dataset.AMAZON_BEAUTY:
-        log, layout = _read_beauty(src)
+        log, layout, timed = _read_beauty(src)
     else:
         file = src if src.is_file() else src / "sequences.txt"
         log, layout = sequences.read_sequence_file(file, user_sep=" ", header=False), f"{file.name} (sequences)"
-    seqs = [log.items[a:b] for a, b in zip(log.offsets[:-1], log.offsets[1:])]
-    return log.users.tolist(), seqs, f"{src} [{layout}]"
+        timed = False
+    bounds = list(zip(log.offsets[:-1], log.offsets[1:]))
+    seqs = [log.items[a:b] for a, b in bounds]
+    times = [log.timestamps[a:b] for a, b in bounds] if timed else None
+    return log.users.tolist(), seqs, times, f"{src} [{layout}]"
 
 
-def _read_beauty(src: Path) -> tuple[sequences.SequenceLog, str]:
+def _read_ml100k(src: Path) -> tuple[sequences.SequenceLog, str]:
+    """ML-100K ratings as sequences: by user, then timestamp, ties in file order (:func:`sequences.from_rows`)."""
+    ratings, _users, _items, path, layout = ml100k.read(src)  # also checks users/items files are readable
+    first_line = 2 if path.name == "ratings.tsv" else 1  # the shared copy has a header line
+    log = sequences.from_rows(ratings["user_id"], ratings["item_id"], ratings["timestamp"], ratings["rating"],
+                              path, first_line)
+    return log, layout
+
+
+def _read_beauty(src: Path) -> tuple[sequences.SequenceLog, str, bool]:
     for name in beauty.SEQUENCE_FILES:
         if (src / name).is_file():
-            return sequences.read_sequence_file(src / name, user_sep=" ", header=False), f"{name} (S3Rec)"
+            return sequences.read_sequence_file(src / name, user_sep=" ", header=False), f"{name} (S3Rec)", False
     for name in beauty.REVIEW_FILES:
         if (src / name).is_file():
-            return beauty.read_reviews(src / name)[0], f"{name} (McAuley reviews)"
+            return beauty.read_reviews(src / name)[0], f"{name} (McAuley reviews)", True
     raise DataError(f"{src}: none of {', '.join(beauty.SEQUENCE_FILES + beauty.REVIEW_FILES)} found (file not found)")
 
 
 def load_data(section: DataSection, protocol: Protocol = Protocol.STANDARD) -> NextItemData:
     """Read ``section``'s dataset and split it by ``protocol`` (module docstring)."""
-    users, seqs, source = read_log(section)
+    users, seqs, times, source = read_log(section)
     if section.max_users is not None:
         users, seqs = users[: section.max_users], seqs[: section.max_users]
+        times = None if times is None else times[: section.max_users]
     return from_sequences(users, seqs, max_len=section.max_len, num_items=section.num_items, source=source,
-                          protocol=protocol)
+                          protocol=protocol, times=times)
 
 
 def from_sequences(users, seqs, *, max_len: int, num_items: int | None = None, source: str = "<memory>",
-                   protocol: Protocol = Protocol.STANDARD) -> NextItemData:
+                   protocol: Protocol = Protocol.STANDARD, times=None) -> NextItemData:
     """Split in-memory sequences (item ids ``>= 1``, oldest first) into train/valid/test (module docstring).
 
     Args:
@@ -147,6 +179,8 @@ def from_sequences(users, seqs, *, max_len: int, num_items: int | None = None, s
         num_items: ids must be in ``1..num_items``; ``None`` = the largest id present.
         protocol: ``standard`` holds out the last two items (valid, test); ``published`` only the last
             (test), and returns ``valid=None``.
+        times: ``None`` (no real timestamps: every ``Split.times`` is ``None``), or one int sequence per user,
+            the Unix seconds of its items (same length, non-decreasing: items are in time order).
     """
     seen: set[int] = set()
     for u in users:
@@ -160,44 +194,75 @@ def from_sequences(users, seqs, *, max_len: int, num_items: int | None = None, s
         if a.size and (a.min() < 1 or a.max() > num_items):
             bad = int(a[(a < 1) | (a > num_items)][0])
             raise DataError(f"{source}: user {u}: item id {bad} out of range 1..{num_items} (data.num_items)")
-    kept = [a - 1 for a in arrays if a.size >= MIN_LENGTH]  # rows = ids - 1
-    if not kept:
+    stamps = None if times is None else _check_times(users, arrays, times, source)
+    keep = [k for k, a in enumerate(arrays) if a.size >= MIN_LENGTH]
+    if not keep:
         raise DataError(f"{source}: no sequence has {MIN_LENGTH} or more items")
+    kept = [arrays[k] - 1 for k in keep]  # rows = ids - 1
+    kept_times = None if stamps is None else [stamps[k] for k in keep]
     protocol = Protocol(protocol)
     held_out = 2 if protocol is Protocol.STANDARD else 1  # items at the end that are never training targets
-    train_in, train_out, train_len = [], [], []
-    for a in kept:
-        prefix = a[:-held_out][-(max_len + 1):]
-        if prefix.size >= 2:
-            train_in.append(prefix[:-1])
-            train_out.append(prefix[1:])
-            train_len.append(prefix.size - 1)
-    train = _split(train_in, np.concatenate(train_out) if train_out else np.zeros(0, np.int64), train_len)
+
+    def train_window(a: np.ndarray) -> np.ndarray:  # the training prefix's last max_len + 1 items
+        return a[:-held_out][-(max_len + 1):]
+
+    def eval_input(a: np.ndarray, held: int) -> np.ndarray:  # the input before the `held` last items
+        return a[:-held][-max_len:]
+
+    trained = [k for k, a in enumerate(kept) if train_window(a).size >= 2]
+    train_out = [train_window(kept[k])[1:] for k in trained]
+    train = _split([train_window(kept[k])[:-1] for k in trained],
+                   np.concatenate(train_out) if train_out else np.zeros(0, np.int64),
+                   times=None if kept_times is None else [train_window(kept_times[k])[:-1] for k in trained])
     valid = None
     if protocol is Protocol.STANDARD:
-        valid = _split([a[:-2][-max_len:] for a in kept], np.array([a[-2] for a in kept], dtype=np.int64))
-    test = _split([a[:-1][-max_len:] for a in kept], np.array([a[-1] for a in kept], dtype=np.int64))
+        valid = _split([eval_input(a, 2) for a in kept], np.array([a[-2] for a in kept], dtype=np.int64),
+                       times=None if kept_times is None else [eval_input(t, 2) for t in kept_times])
+    test = _split([eval_input(a, 1) for a in kept], np.array([a[-1] for a in kept], dtype=np.int64),
+                  times=None if kept_times is None else [eval_input(t, 1) for t in kept_times])
     return NextItemData(train, valid, test, int(num_items), len(kept), len(arrays) - len(kept),
                         int(sum(a.size for a in kept)), source)
 
 
-def _split(inputs: list[np.ndarray], targets: np.ndarray, lengths=None) -> Split:
+def _check_times(users, arrays: list[np.ndarray], times, source: str) -> list[np.ndarray]:
+    """``times`` as int64 arrays, one per user, each as long as its items and non-decreasing; else DataError."""
+    stamps = [np.asarray(t, dtype=np.int64) for t in times]
+    if len(stamps) != len(arrays):
+        raise DataError(f"{source}: {len(stamps)} timestamp sequences for {len(arrays)} users")
+    for u, a, t in zip(users, arrays, stamps):
+        if t.shape != a.shape:
+            raise DataError(f"{source}: user {u}: {t.size} timestamps for {a.size} items")
+        if t.size > 1 and (np.diff(t) < 0).any():
+            at = int(np.flatnonzero(np.diff(t) < 0)[0]) + 1
+            raise DataError(f"{source}: user {u}: timestamp {int(t[at])} of item {at} is before the one of item "
+                            f"{at - 1} ({int(t[at - 1])}); items must be in time order")
+    return stamps
+
+
+def _split(inputs: list[np.ndarray], targets: np.ndarray, lengths=None,
+           times: list[np.ndarray] | None = None) -> Split:
     lengths = np.array([x.size for x in inputs] if lengths is None else lengths, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.concatenate(inputs) if inputs else np.zeros(0, np.int64)
-    return Split(torch.from_numpy(flat), torch.from_numpy(targets), torch.from_numpy(offsets.copy()), offsets)
+    flat_times = None
+    if times is not None:
+        flat_times = torch.from_numpy(np.concatenate(times) if times else np.zeros(0, np.int64))
+    return Split(torch.from_numpy(flat), torch.from_numpy(targets), torch.from_numpy(offsets.copy()), offsets,
+                 flat_times)
 
 
 @dataclass(frozen=True)
 class JaggedBatch:
     """A batch of B users: ``ids [N]`` item rows, ``offsets [B+1]``, ``max_len`` host int, ``rows [N]`` the
-    tokens' rows in the split (to pick train targets), ``users [B]`` the users' indices in the split."""
+    tokens' rows in the split (to pick train targets), ``users [B]`` the users' indices in the split,
+    ``times [N]`` int64 Unix seconds of the tokens (``None`` when the split has no real timestamps)."""
 
     ids: torch.Tensor
     offsets: torch.Tensor
     max_len: int
     rows: torch.Tensor
     users: torch.Tensor
+    times: torch.Tensor | None = None
 
 
 def gather_batch(split: Split, users: np.ndarray) -> JaggedBatch:
@@ -209,5 +274,6 @@ def gather_batch(split: Split, users: np.ndarray) -> JaggedBatch:
     starts = torch.from_numpy(split.offsets_host[users] - offsets[:-1]).to(device, non_blocking=True)  # [B]
     lens = torch.from_numpy(lengths).to(device, non_blocking=True)
     rows = torch.arange(n, device=device) + torch.repeat_interleave(starts, lens, output_size=n)  # [N]
+    times = None if split.times is None else split.times[rows]
     return JaggedBatch(split.inputs[rows], torch.from_numpy(offsets).to(device, non_blocking=True),
-                       int(lengths.max()) if lengths.size else 0, rows, torch.from_numpy(users).to(device))
+                       int(lengths.max()) if lengths.size else 0, rows, torch.from_numpy(users).to(device), times)

@@ -3,9 +3,17 @@
 ::
 
     ids [N] (item rows) --item table [num_items, d]--> x [N, d]
-        HSTU:   Dropout(x * sqrt(d) [+ pos[p] with embedding.positions]) -> Backbone(mask_mode="causal", all layers full; positions: its relative bias)
+        HSTU:   Dropout(x * sqrt(d) [+ pos[p] with embedding.positions])
+                -> Backbone(mask_mode="causal", all layers full; positions: its relative bias; with
+                   backbone.layer.use_time_bias the tokens' real Unix times (JaggedBatch.times) as
+                   timestamps: a bias by log-bucketed |t_i - t_j|)
         SASRec: SASRec(x)             (learned absolute positions, softmax causal attention)
     -> h [N, d] -> RetrievalHead (shared item table, L2-normalised, temperature, sampled softmax)
+
+Time bias: only with real timestamps. A dataset without them (``Split.times is None``) and
+``use_time_bias: true`` is a ConfigError (:func:`check_timestamps`) -- token positions are never passed off as
+times. Query ``i`` and key ``j`` use their own items' times (the query's is that of the last item it has
+seen, not of the item it predicts).
 
 Evaluation ranks each user's held-out item among ALL ``num_items`` items (rows of the table) from the output
 at the user's last input token. With ``train.exclude_history`` (the published protocol: the HSTU
@@ -25,11 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from recfm.errors import ConfigError, RecfmError
 from recfm.foundation.model.backbone import Backbone
 from recfm.foundation.model.sasrec import SASRec
 from recfm.heads.retrieval import RetrievalHead, hr_ndcg_at_k
 from recfm.recipes.nextitem_config import NextItemConfig
-from recfm.recipes.nextitem_data import JaggedBatch, Split, gather_batch
+from recfm.recipes.nextitem_data import JaggedBatch, NextItemData, Split, gather_batch
 
 KS = (10, 50)
 METRICS = tuple(f"{m}@{k}" for k in KS for m in ("hr", "ndcg"))
@@ -60,8 +69,20 @@ class NextItemModel(nn.Module):
                                   num_negatives=r.num_negatives, negatives=r.negatives)
 
     def encode(self, batch: JaggedBatch, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``[N, d]`` causal outputs of a jagged batch; ``positions [N]`` int64 (used as timestamps when the
-        HSTU layer has a time bias; the shared datasets have no real timestamps)."""
+        """``[N, d]`` causal outputs of a jagged batch.
+
+        Args:
+            batch: from :func:`gather_batch`; with the HSTU time bias on, ``batch.times [N]`` int64 Unix seconds
+                are the backbone's timestamps (a batch without them: RecfmError; see :func:`check_timestamps`).
+            positions: ``[N]`` int64 rows of the absolute position table (``embedding.positions``); default the
+                tokens' positions in their samples. Never used as timestamps.
+        """
+        timestamps = None
+        if self.use_time:
+            if batch.times is None:
+                raise RecfmError("NextItemModel.encode: backbone.layer.use_time_bias is on but the batch has no "
+                                 "timestamps (JaggedBatch.times is None); check_timestamps(cfg, data) says why")
+            timestamps = batch.times
         x = self.items(batch.ids)
         if self.kind == "sasrec":
             return self.encoder(x, batch.offsets, batch.max_len)
@@ -71,8 +92,17 @@ class NextItemModel(nn.Module):
         x = self.input_dropout(x)
         group = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         # validate=False: the batch comes from gather_batch over a checked split (no host sync per step)
-        return self.encoder(x, batch.offsets, None, positions if self.use_time else None, group, batch.max_len,
-                            mask_mode="causal", validate=False)
+        return self.encoder(x, batch.offsets, None, timestamps, group, batch.max_len, mask_mode="causal",
+                            validate=False)
+
+
+def check_timestamps(cfg: NextItemConfig, data: NextItemData) -> None:
+    """ConfigError naming the config file and ``backbone.layer.use_time_bias`` when the HSTU time bias is on
+    and ``data`` has no real timestamps (module docstring)."""
+    if cfg.model == "hstu" and cfg.backbone.layer.use_time_bias and not data.has_times:
+        raise ConfigError([f"{cfg.source_file}: backbone.layer.use_time_bias: true needs real timestamps, but "
+                           f"data.dataset={cfg.data.dataset.value} ({data.source}) has none; set "
+                           "backbone.layer.use_time_bias=false (positions enter through the position bias)"])
 
 
 def token_positions(batch: JaggedBatch) -> torch.Tensor:
