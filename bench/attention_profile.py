@@ -27,6 +27,8 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("both tables", "mixed", HEAVY, True),
     ("both tables, one dQ pass", "mixed", INLINE, False),
     ("both tables, one dQ pass 64x32", "mixed", INLINE_64, False),
+    ("target layer, no tables", "targets-nobias", LIGHT, True),
+    ("target layer, both tables", "targets", HEAVY, True),
 ]
 
 

@@ -32,6 +32,7 @@ VARIANTS = {  # name: (h, h_kv, d, mask, bias tables kept: "pos,time" | "pos" | 
     "mixed-time": (4, 4, 128, "mixed", "time"),
     "mixed-1kv": (4, 1, 128, "mixed", "pos,time"),
     "targets": (4, 4, 128, "targets", "pos,time"),
+    "targets-nobias": (4, 4, 128, "targets", ""),
     "medium": (3, 3, 256, "mixed", "pos,time"),  # the medium preset's attention (3 heads x 256, bias tables)
 }
 LIGHT = {  # no bias tables

@@ -162,7 +162,7 @@ def tile_path_batch():
     return [t.to(DEVICE) for t in (q, k, v, offsets, torch.cat(types), torch.cat(stamps))]
 
 
-@pytest.mark.parametrize("mode", ["full", "causal", "mixed"])
+@pytest.mark.parametrize("mode", ["full", "causal", "mixed", "mixed, query rows"])
 @pytest.mark.parametrize("base, grid", [(2.0, None), (1.5, None), (2.0, 16), (1.5, 16), (2.0, 32)])
 def test_bias_tile_paths(mode, base, grid, monkeypatch):
     # a wrong scalar, select or clamp on any per-tile path changes the output or a table gradient. Grid None:
@@ -173,9 +173,18 @@ def test_bias_tile_paths(mode, base, grid, monkeypatch):
     if grid is not None:
         monkeypatch.setattr(triton_launch, "SPLIT_FROM_LEN", 0)
         monkeypatch.setattr(triton_launch, "INTERPRET_SUPER", grid)
+    # "query rows": a target layer's query-only rows (here every H row of a few tiles and every R/T row, in
+    # shuffled order): few query rows against all keys, the band kernel's walk over key cells
     q, k, v, offsets, types, stamps = tile_path_batch()
+    rows = None
+    if mode == "mixed, query rows":
+        mode = "mixed"
+        pos = torch.arange(types.numel(), device=DEVICE)
+        keep = (types != H) | ((pos % 64) // 16 == 2) | (pos < 5)
+        rows = pos[keep][torch.randperm(int(keep.sum()), generator=torch.Generator().manual_seed(44)).to(DEVICE)]
+        q = q[rows]
     kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
-              time_bucket_base=base)
+              time_bucket_base=base, query_index=rows)
     tabs = (table(2, 9, 42), table(2, 32, 43))
     assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw),
                      forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
