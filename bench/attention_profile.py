@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=65536)
-    parser.add_argument("--rows", nargs="*", help="keep rows whose label contains one of these words")
+    parser.add_argument("--rows", nargs="*",
+                        help="keep rows whose label contains one of these words (`=label`: that label only)")
     default_out = Path(__file__).resolve().parent / "results" / "attention_profile.json"
     parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args(argv)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from recfm.kernels.hstu_attention import triton_launch
 
     for label, variant, pins, split in ROWS:
-        if args.rows and not any(word in label for word in args.rows):
+        if args.rows and not any(label == word[1:] if word.startswith("=") else word in label for word in args.rows):
             continue
         triton_launch.SPLIT_FROM_LEN = 0 if split else 1 << 30  # both the profile and the check follow the row
         kernels = profile_row(variant, pins, args.steps, args.length, args.tokens)
