@@ -104,7 +104,7 @@ class TinyModel(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         x = torch.zeros(batch.num_tokens, self.backbone.config.layer.d_model, device=batch.offsets.device)
         for name, g in {**batch.events, **batch.targets}.items():
-            x = x.index_copy(0, g.token_index, self.embed[name](g.dense))
+            x = x.index_copy(0, g.token_index, self.embed[name](g.dense).to(x.dtype))  # bf16 under autocast
         y = self.backbone(x, batch.offsets, batch.token_type, batch.timestamps, batch.group, batch.max_len,
                           target_index=target_rows(batch), validate=False)
         logits = self.head({s: y[g.token_index] for s, g in batch.targets.items()})
