@@ -6,8 +6,8 @@
 
 Shapes: every sample of a batch has ``L`` tokens (``--lengths``), batch ``B = --tokens // L`` (64k tokens),
 heads x dim ``--heads`` (d_qk = d_v), kv heads ``h`` or 1 (``--kv``), masks ``full``, ``causal`` and
-``mixed`` (a user-level layout: ~85% H, ~10% R, ~5% T per sample, with timestamps, position and time
-bias) plus ``targets`` (the mixed mask with only the T rows as queries: a target layer).
+``mixed`` (a user-level layout: ~85% H, ~10% R, ~5% T per sample, each part in time order, with timestamps,
+position and time bias) plus ``targets`` (the mixed mask with only the T rows as queries: a target layer).
 
 FLOPs count only allowed (unmasked) query-key pairs: forward ``4 * d * pairs`` per head, backward 2.5x
 the forward (forward + backward 3.5x). SDPA (softmax, flash backend) runs at the same shape with its own
@@ -72,7 +72,8 @@ def make_batch(length: int, batch: int, h: int, h_kv: int, d: int, mask: str, de
         types.append(torch.tensor([0] * n_h + [1] * n_r + [2] * n_t, dtype=torch.int8))
         hist = torch.sort(torch.randint(0, 10**6, (n_h,), generator=gen)).values
         real = torch.sort(torch.randint(10**6, 10**6 + 3600, (n_r,), generator=gen)).values
-        targets = torch.randint(10**6, 10**6 + 3600, (n_t,), generator=gen)
+        # targets in time order, as the batch layout has them within a scenario (recfm.foundation.data.batch)
+        targets = torch.sort(torch.randint(10**6, 10**6 + 3600, (n_t,), generator=gen)).values
         stamps.append(torch.cat([hist, real, targets]))
     num_tokens = sum(lengths)
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)

@@ -315,36 +315,42 @@ def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_B
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Position-bias gradient of a ``[BLOCK_M, BLOCK_N]`` query-major tile: ``DTAB[pos_bucket_ij] += ds_ij``.
 
-    Fast path: when the valid rows hold consecutive event positions (``ev_q_i = a + i``), so do the valid
-    columns (``ev_k_j = b + j``), and no pair of the tile is clamped, the bucket is ``a - b + P + i - j``: the
-    tile's bucket sums are its diagonal sums. One ``tl.gather`` lines the diagonals up as columns, one
-    column sum reduces them, and one vector atomic adds the ``BLOCK_M + BLOCK_N - 1`` sums (distinct cells).
-    This is the common case: histories, real-time runs and causal sequences. Other tiles (targets sharing
-    an event position, tiles across the clamp) take :func:`scatter_add_grad`; a tile entirely past the clamp
-    (``[d_lo, d_hi]``, the span of ``ev_q - ev_k`` as in :func:`add_bias`) adds its sum to one cell."""
+    Fast path: when the valid columns hold consecutive event positions (``ev_k_j = b + j``), the valid rows'
+    positions lie within ``DIAG - BLOCK_N`` of their least ``e`` (``ev_q_i = e + s_i``, any order, repeats
+    allowed; ``DIAG`` = 128 for tiles up to 32 x 32, else twice the larger side) and no pair of the tile is
+    clamped, the bucket is ``e - b + P + s_i - j``: row ``i`` adds to a run of buckets shifted by ``s_i``.
+    One ``tl.gather`` lines the runs up as columns (column ``k`` of row ``i`` holds ``ds[i, s_i + BLOCK_N - 1
+    - k]``), one column sum reduces them, and one vector atomic adds the sums (distinct cells). This is the
+    common case: histories, real-time runs and causal sequences (``s_i = i``: the tile's diagonal sums), and
+    target rows in time order, which share or step through a few event positions. Other tiles (tiles across
+    the clamp, target rows spread over many positions) take :func:`scatter_add_grad`; a tile entirely past
+    the clamp (``[d_lo, d_hi]``, the span of ``ev_q - ev_k`` as in :func:`add_bias`) adds its sum to one
+    cell."""
     valid = row_ok[:, None] & col_ok[None, :]
     if (d_lo >= P_HALF) | (d_hi <= -P_HALF):
         cell = tl.where(d_lo >= P_HALF, 2 * P_HALF, 0)
         tl.atomic_add(DTAB + cell, tl.sum(tl.sum(tl.where(valid, ds, 0.0), axis=1), axis=0), sem="relaxed")
     else:
-        rows = tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
-        a = ev_q - rows
+        e_lo = tl.min(tl.where(row_ok, ev_q, FAR), axis=0)
+        e_hi = tl.max(tl.where(row_ok, ev_q, -FAR), axis=0)
         b = ev_k - cols
-        a_lo = tl.min(tl.where(row_ok, a, FAR), axis=0)
-        a_hi = tl.max(tl.where(row_ok, a, -FAR), axis=0)
         b_lo = tl.min(tl.where(col_ok, b, FAR), axis=0)
         b_hi = tl.max(tl.where(col_ok, b, -FAR), axis=0)
-        d = a_lo - b_lo
-        fast = (a_lo == a_hi) & (b_lo == b_hi) & (d - (BLOCK_N - 1) >= -P_HALF) & (d + (BLOCK_M - 1) <= P_HALF)
+        d = e_lo - b_lo
+        # room for target rows spread over ~100 event positions in small tiles (band, one-pass dQ)
+        DIAG: tl.constexpr = 128 if BLOCK_M + BLOCK_N <= 64 else 2 * (BLOCK_M if BLOCK_M > BLOCK_N else BLOCK_N)
+        fast = ((e_hi - e_lo <= DIAG - BLOCK_N) & (b_lo == b_hi) & (d - (BLOCK_N - 1) >= -P_HALF)
+                & (d + (e_hi - e_lo) <= P_HALF))
         if fast:
-            DIAG: tl.constexpr = 2 * BLOCK_M if BLOCK_M > BLOCK_N else 2 * BLOCK_N  # >= BLOCK_M + BLOCK_N - 1
             k = tl.arange(0, DIAG)
-            j = rows[:, None] + (BLOCK_N - 1) - k[None, :]  # column of diagonal k in row i
+            shift = tl.where(row_ok, ev_q - e_lo, 0)
+            j = shift[:, None] + (BLOCK_N - 1) - k[None, :]  # column of run position k in row i
             on = (j >= 0) & (j < BLOCK_N)
             lined = tl.gather(tl.where(valid, ds, 0.0), tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), axis=1)
             sums = tl.sum(tl.where(on, lined, 0.0), axis=0)
-            tl.atomic_add(DTAB + (d - (BLOCK_N - 1) + P_HALF) + k, sums, mask=k < BLOCK_M + BLOCK_N - 1, sem="relaxed")
+            tl.atomic_add(DTAB + (d - (BLOCK_N - 1) + P_HALF) + k, sums, mask=k < e_hi - e_lo + BLOCK_N,
+                          sem="relaxed")
         else:
             scatter_add_grad(DTAB, pos_bucket(ev_q[:, None], ev_k[None, :], P_HALF), ds, valid, FEW_BUCKETS)
 
