@@ -227,3 +227,15 @@ def test_ml100k_configs_run_one_epoch_on_a_few_users(model, shared_data, tmp_pat
     run = result["per_seed"][0]
     assert run["epochs"] == 1 and run["steps"] == 3 and run["best_epoch"] is None
     assert all(0.0 <= v <= 1.0 for v in run["test"].values())
+
+
+def test_ml1m_keeps_real_times_from_ratings_dat_and_drops_the_synthetic_ones(tmp_path):
+    real, shared = tmp_path / "orig", tmp_path / "shared"
+    real.mkdir(), shared.mkdir()
+    (real / "ratings.dat").write_text("2::10::5::300\n1::7::3::50\n2::11::4::100\n1::8::4::50\n1::9::1::20\n")
+    (shared / "sequences.csv").write_text("user_id,item_ids\n1,9 7 8\n2,11 10\n")
+    users, seqs, times, _ = read_log(DataSection(dataset=Dataset.ML_1M, root=str(tmp_path), path="orig"))
+    assert users == [1, 2] and [s.tolist() for s in seqs] == [[9, 7, 8], [11, 10]]  # tie 7, 8: file order
+    assert [t.tolist() for t in times] == [[20, 50, 50], [100, 300]]
+    users, seqs, times, _ = read_log(DataSection(dataset=Dataset.ML_1M, root=str(tmp_path), path="shared"))
+    assert [s.tolist() for s in seqs] == [[9, 7, 8], [11, 10]] and times is None  # positions are not times
