@@ -49,3 +49,12 @@ def pytest_collection_modifyitems(config, items):
 def shared_data() -> Path:
     """The public datasets folder (tests using it are marked `data`)."""
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after (for modules whose code under test may change it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,13 +28,7 @@ from recfm.recipes.nextitem_model import METRICS, NextItemModel, evaluate, rank_
 CONFIGS = [("ml-1m", "hstu"), ("ml-1m", "sasrec"), ("amazon-beauty", "hstu"), ("amazon-beauty", "sasrec")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def rows(t: torch.Tensor) -> list[int]:

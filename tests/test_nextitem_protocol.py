@@ -24,12 +24,7 @@ from recfm.recipes.nextitem_model import NextItemModel, evaluate
 PUBLISHED = Protocol.PUBLISHED
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def rows(t: torch.Tensor) -> list[int]:

@@ -11,12 +11,7 @@ from recfm.errors import ConfigError
 from recfm.foundation.model.sasrec import SASRec, SASRecConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def reference_kang(enc: SASRec, x: torch.Tensor) -> torch.Tensor:
