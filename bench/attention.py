@@ -2,6 +2,7 @@
 
     python -m bench.attention                      # full matrix on a CUDA GPU (H100: bf16)
     python -m bench.attention --heads 4x128 --lengths 4096 --masks causal   # one headline row
+    python -m bench.attention --untuned --impls triton,sdpa   # every shape, first-listed configs, no autotuning
     python -m bench.attention --smoke              # CPU: tiny shapes under the Triton interpreter
 
 Shapes: every sample of a batch has ``L`` tokens (``--lengths``), batch ``B = --tokens // L`` (64k tokens),
