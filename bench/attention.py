@@ -8,7 +8,8 @@
 Shapes: every sample of a batch has ``L`` tokens (``--lengths``), batch ``B = --tokens // L`` (64k tokens),
 heads x dim ``--heads`` (d_qk = d_v), kv heads ``h`` or 1 (``--kv``), masks ``full``, ``causal`` and
 ``mixed`` (a user-level layout: ~85% H, ~10% R, ~5% T per sample, each part in time order, with timestamps,
-position and time bias) plus ``targets`` (the mixed mask with only the T rows as queries: a target layer).
+position and time bias) plus ``targets`` (the mixed mask with only the T rows as queries: a target layer);
+``mixed-nobias`` and ``targets-nobias`` are the same masks without the bias tables.
 
 FLOPs count only allowed (unmasked) query-key pairs: forward ``4 * d * pairs`` per head, backward 2.5x
 the forward (forward + backward 3.5x). SDPA (softmax, flash backend) runs at the same shape with its own
@@ -79,16 +80,17 @@ def make_batch(length: int, batch: int, h: int, h_kv: int, d: int, mask: str, de
     num_tokens = sum(lengths)
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
     types, stamps = torch.cat(types), torch.cat(stamps)
-    query_index = torch.nonzero(types == 2).flatten() if mask == "targets" else None
+    shape, _, no_tables = mask.partition("-")  # "mixed-nobias", "targets-nobias": the mask without tables
+    query_index = torch.nonzero(types == 2).flatten() if shape == "targets" else None
     num_q = num_tokens if query_index is None else query_index.numel()
     scale = 1.0
     q = (torch.randn(num_q, h, d, generator=gen) * scale).to(device, dtype)
     k = (torch.randn(num_tokens, h_kv, d, generator=gen) * scale).to(device, dtype)
     v = torch.randn(num_tokens, h_kv, d, generator=gen).to(device, dtype)
-    kw = dict(max_len=max(lengths), mask_mode="mixed" if mask == "targets" else mask,
+    kw = dict(max_len=max(lengths), mask_mode="mixed" if shape == "targets" else shape,
               token_type=types.to(device), timestamps=stamps.to(device),
               query_index=None if query_index is None else query_index.to(device))
-    if mask in ("mixed", "targets"):
+    if shape in ("mixed", "targets") and not no_tables:
         # learned tables, as in training: the backward computes their gradients too
         kw["pos_bias"] = (torch.randn(h, 513, generator=gen) * 0.1).to(device).requires_grad_()
         kw["time_bias"] = (torch.randn(h, 32, generator=gen) * 0.1).to(device).requires_grad_()

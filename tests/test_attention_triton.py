@@ -30,7 +30,8 @@ from recfm.kernels.hstu_attention import hstu_attention  # noqa: E402
 from recfm.kernels.hstu_attention.triton_common import tile_span, time_bucket  # noqa: E402
 from recfm.kernels.hstu_attention import triton_launch  # noqa: E402
 from recfm.kernels.hstu_attention.triton_launch import _interpreter_index_fix, interpreting  # noqa: E402
-from recfm.kernels.hstu_attention.triton_meta import chunk_extremes  # noqa: E402
+from recfm.foundation.model.mask import allowed  # noqa: E402
+from recfm.kernels.hstu_attention.triton_meta import chunk_extremes, visibility_codes  # noqa: E402
 
 tl = triton.language
 
@@ -239,6 +240,22 @@ def test_frozen_bias_tables():
         hstu_attention(*leaves, offsets, impl=impl, **kw).square().sum().backward()
         grads.append([t.grad for t in leaves])
     assert_close_rel(grads[0], grads[1], TOL[torch.float32], names=("dq", "dk", "dv"))
+
+
+@pytest.mark.parametrize("layout", [True, False], ids=["layout", "random-types"])
+def test_visibility_codes_are_the_mixed_mask(layout):
+    """Inside every sample, ``key[j] <= query[i] or j == i`` is exactly mask.allowed(mixed), for all pairs:
+    ties of timestamps within and across types, H stamped after R, empty and length-1 samples."""
+    for seed in range(4):
+        _, _, _, offsets, types, stamps = make_batch([0, 17, 1, 40, 5, 16, 33], 1, 1, layout=layout, seed=seed)
+        types, stamps, offsets = types.cpu(), stamps.cpu(), offsets.cpu()
+        codes = visibility_codes(types.to(torch.int64), stamps)
+        assert codes.dtype == torch.int32 and codes.shape == (types.numel(), 2)
+        for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+            ty, ts, pos = types[a:b].long(), stamps[a:b], torch.arange(b - a)
+            want = allowed("mixed", ty[:, None], ty[None, :], ts[:, None], ts[None, :], pos[:, None], pos[None, :])
+            got = (codes[a:b, 1][None, :] <= codes[a:b, 0][:, None]) | (pos[:, None] == pos[None, :])
+            assert torch.equal(got, want), (seed, a, b)
 
 
 def test_metadata_memo_follows_in_place_changes():

@@ -7,14 +7,15 @@ transpose in the key-major dK/dV kernel). Constants shared with the launchers:
 * ``MASK_MODE``: 0 full, 1 causal, 2 mixed (:class:`recfm.foundation.model.mask.MaskMode`).
 * ``NORM``: 0 the sample length, 1 the number of allowed keys (saved by the forward), 2 a constant
   (``max_len`` or 1).
-* Timestamps reach the kernels as two int32 arrays: ``TS`` dense time ranks (the mask's comparisons,
-  exact) and ``TT`` seconds since the sample's first timestamp (the time bias).
+* Timestamps reach the kernels as two int32 arrays: ``VIS`` ``[N, 2]`` visibility codes, a query and a
+  key code per token that turn the mixed mask into one comparison (:func:`.triton_meta.visibility_codes`),
+  and ``TT`` seconds since the sample's first timestamp (the time bias).
 * ``STATS``: ``[B, 3]`` int32 per sample, mixed mode only: ``h_prefix`` (tokens before the first non-H
   token), ``h_end`` (1 + position of the last H token, 0 if none), ``e_end`` (1 + position of the last
   H or R token). Every key a token may see lies below ``h_end`` (H queries) or ``e_end`` (R/T queries),
   except a target's own position; keys below ``h_prefix`` are seen by every query.
 
-Token types on padded key columns are loaded as 3 (no type), which the mixed predicate never allows.
+Key columns past the sample end load the key code ``INT_MAX``, which no query code reaches.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ MODE_MIXED = 2
 NORM_LENGTH = 0
 NORM_KEYS = 1
 NORM_CONST = 2
-NO_TYPE: tl.constexpr = tl.constexpr(3)  # loaded for key columns past the sample end
 TIME_CAP: tl.constexpr = tl.constexpr(2**62)  # bias.time_bucket_boundaries caps boundaries here
 FAR: tl.constexpr = tl.constexpr(1 << 30)  # "no such position" in min/max reductions
 INT_MAX: tl.constexpr = tl.constexpr(2**31 - 1)
@@ -48,16 +48,13 @@ def dot(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def allowed_tile(MASK_MODE: tl.constexpr, type_q, type_k, ts_q, ts_k, pos_q, pos_k):
-    """The mask predicate of recfm.foundation.model.mask.allowed (causal or mixed), broadcast."""
+def allowed_tile(MASK_MODE: tl.constexpr, vis_q, vis_k, pos_q, pos_k):
+    """The mask predicate of recfm.foundation.model.mask.allowed (causal or mixed), broadcast. Mixed: from
+    the tokens' visibility codes (:func:`.triton_meta.visibility_codes`), two comparisons per pair."""
     if MASK_MODE == 1:
         ok = pos_k <= pos_q
     else:
-        key_r = type_k == 1
-        earlier = ts_k < ts_q
-        same_or_earlier = earlier | ((ts_k == ts_q) & (pos_k <= pos_q))
-        ok = (type_k == 0) | (key_r & (type_q == 1) & same_or_earlier) | (key_r & (type_q == 2) & earlier)
-        ok = ok | ((type_k == 2) & (pos_k == pos_q))
+        ok = (vis_k <= vis_q) | (pos_k == pos_q)
     return ok
 
 
@@ -68,7 +65,7 @@ def pos_bucket(ev_q, ev_k, P_HALF):
 
 
 @triton.jit
-def time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base):
+def time_bucket(vis_q, vis_k, TBND, NUM_TB, inv_log2_base):
     """Column of the time table: the number of boundaries ``<= |t_i - t_j|`` (exact).
 
     Base 2 (``inv_log2_base == 1``, the default) with int32 times: the boundaries are ``2^k - 1``, so the
@@ -81,7 +78,7 @@ def time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base):
     int32 times and boundaries, see triton_impl.relative_seconds; int64 works too, with gaps of at least the
     boundaries' cap of 2^62 s in the last bucket).
     """
-    dt = tl.abs(ts_q - ts_k)
+    dt = tl.abs(vis_q - vis_k)
     if dt.dtype == tl.int32 and inv_log2_base == 1.0:
         x = dt + 1  # >= 1; relative seconds are at most 2^31 - 2
         est = ((x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
@@ -174,7 +171,7 @@ def spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS: tl.constexpr, HAS_TIME: 
 
 
 @triton.jit
-def add_bias(s, ev_q, ev_k, ts_q, ts_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
+def add_bias(s, ev_q, ev_k, vis_q, vis_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
              HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
     """``s + pos_table[bucket] + time_table[bucket]`` (table pointers already at the head's row).
 
@@ -190,12 +187,12 @@ def add_bias(s, ev_q, ev_k, ts_q, ts_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND
             low = tl.load(TTAB + b_lo).to(tl.float32)
             high = tl.load(TTAB + b_hi).to(tl.float32)
             bound = tl.load(TBND + b_lo, mask=b_hi > b_lo, other=INT_MAX)
-            s += tl.where(tl.abs(ts_q - ts_k) >= bound, high, low)
+            s += tl.where(tl.abs(vis_q - vis_k) >= bound, high, low)
     else:
         if HAS_POS:
             s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
         if HAS_TIME:
-            s += tl.load(TTAB + time_bucket(ts_q, ts_k, TBND, NUM_TB, inv_log2_base)).to(tl.float32)
+            s += tl.load(TTAB + time_bucket(vis_q, vis_k, TBND, NUM_TB, inv_log2_base)).to(tl.float32)
     return s
 
 
@@ -449,12 +446,13 @@ def query_ranges(MASK_MODE: tl.constexpr, HAS_QIDX: tl.constexpr, k_start, q_len
 
 
 @triton.jit
-def query_tile(QTOK, TYPE, TS, TT, POS, seq_start, q_len, start_m, HAS_QIDX: tl.constexpr, NEED_TYPE: tl.constexpr,
-               NEED_TS: tl.constexpr, NEED_TT: tl.constexpr, NEED_EV: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Rows ``start_m + [0, BLOCK_M)`` of a sample's (sorted) queries: ``(rows, row_ok, pos_q, type_q, ts_q,
-    tt_q, ev_q)`` -- positions inside the sample, token types, time ranks (mask), relative seconds (time
-    bias) and event positions, all int32; fields not needed are ``pos_q`` placeholders. ``QTOK`` points at
-    the sample's first query row, ``TYPE``/``TS``/``TT``/``POS`` at its first token."""
+def query_tile(QTOK, TYPE, VIS, TT, POS, seq_start, q_len, start_m, HAS_QIDX: tl.constexpr, NEED_TYPE: tl.constexpr,
+               NEED_VIS: tl.constexpr, NEED_TT: tl.constexpr, NEED_EV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows ``start_m + [0, BLOCK_M)`` of a sample's (sorted) queries: ``(rows, row_ok, pos_q, type_q, vis_q,
+    tt_q, ev_q)`` -- positions inside the sample, token types (tile ranges), query visibility codes (mask),
+    relative seconds (time bias) and event positions, all int32; fields not needed are ``pos_q``
+    placeholders. ``QTOK`` points at the sample's first query row, ``TYPE``/``VIS``/``TT``/``POS`` at its
+    first token (``VIS`` holds two codes per token: query, key)."""
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
     if HAS_QIDX:
@@ -462,41 +460,38 @@ def query_tile(QTOK, TYPE, TS, TT, POS, seq_start, q_len, start_m, HAS_QIDX: tl.
     else:
         pos_q = rows
     type_q = pos_q
-    ts_q = pos_q
+    vis_q = pos_q
     tt_q = pos_q
     ev_q = pos_q
     if NEED_TYPE:
         type_q = tl.load(TYPE + pos_q, mask=row_ok, other=0).to(tl.int32)
-    if NEED_TS:
-        ts_q = tl.load(TS + pos_q, mask=row_ok, other=0)
+    if NEED_VIS:
+        vis_q = tl.load(VIS + 2 * pos_q, mask=row_ok, other=-1)
     if NEED_TT:
         tt_q = tl.load(TT + pos_q, mask=row_ok, other=0)
     if NEED_EV:
         ev_q = tl.load(POS + pos_q, mask=row_ok, other=0)
-    return rows, row_ok, pos_q, type_q, ts_q, tt_q, ev_q
+    return rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q
 
 
 @triton.jit
-def key_tile(TYPE, TS, TT, POS, L, start_n, NEED_TYPE: tl.constexpr, NEED_TS: tl.constexpr, NEED_TT: tl.constexpr,
-             NEED_EV: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Columns ``start_n + [0, BLOCK_N)`` of a sample's keys: ``(cols, col_ok, type_k, ts_k, tt_k, ev_k)``
-    (type ``NO_TYPE`` past the sample end; unneeded fields are ``cols`` placeholders). Pointers at the
-    sample's first token."""
+def key_tile(VIS, TT, POS, L, start_n, NEED_VIS: tl.constexpr, NEED_TT: tl.constexpr, NEED_EV: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """Columns ``start_n + [0, BLOCK_N)`` of a sample's keys: ``(cols, col_ok, vis_k, tt_k, ev_k)`` (key
+    visibility code ``INT_MAX`` past the sample end: no query sees it; unneeded fields are ``cols``
+    placeholders). Pointers at the sample's first token."""
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < L
-    type_k = cols
-    ts_k = cols
+    vis_k = cols
     tt_k = cols
     ev_k = cols
-    if NEED_TYPE:
-        type_k = tl.load(TYPE + cols, mask=col_ok, other=NO_TYPE).to(tl.int32)
-    if NEED_TS:
-        ts_k = tl.load(TS + cols, mask=col_ok, other=0)
+    if NEED_VIS:
+        vis_k = tl.load(VIS + 2 * cols + 1, mask=col_ok, other=INT_MAX)
     if NEED_TT:
         tt_k = tl.load(TT + cols, mask=col_ok, other=0)
     if NEED_EV:
         ev_k = tl.load(POS + cols, mask=col_ok, other=0)
-    return cols, col_ok, type_k, ts_k, tt_k, ev_k
+    return cols, col_ok, vis_k, tt_k, ev_k
 
 
 @triton.jit

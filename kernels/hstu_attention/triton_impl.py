@@ -5,7 +5,7 @@ on CPU tensors under ``TRITON_INTERPRET=1`` (tests). Same math and argument conv
 :func:`recfm.kernels.hstu_attention.reference.hstu_attention_reference`; kernels in :mod:`.triton_fwd`
 and :mod:`.triton_bwd`, tiles and ranges in :mod:`.triton_common`, block sizes in :mod:`.triton_launch`.
 
-Work done outside the kernels -- target-only query sorting, time ranks, relative seconds, mixed-mask
+Work done outside the kernels -- target-only query sorting, mask visibility codes, relative seconds, mixed-mask
 stats, event positions -- is in :mod:`.triton_meta`: on the device, without a host sync (grids come from
 ``max_len``, ``B = offsets.numel() - 1`` and the head counts), memoised across the layers of one batch.
 
@@ -86,7 +86,7 @@ class _Plan:
         ptab = pos_bias.to(self.table_dtype).contiguous() if pos_bias is not None else self.dummy_f
         ttab = time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f
         t = self.tokens
-        return (t.offsets, t.qoff, t.qtok, t.token_type, t.ranks, t.seconds, t.positions, ptab, ttab, t.bounds,
+        return (t.offsets, t.qoff, t.qtok, t.token_type, t.vis, t.seconds, t.positions, ptab, ttab, t.bounds,
                 t.stats, invn, t.kext, t.kchunks, t.qext, t.qchunks, *self.table_strides(pos_bias, time_bias),
                 *self.scalars)
 

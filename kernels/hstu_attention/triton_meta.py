@@ -9,7 +9,8 @@ Contents (all int32 unless said, ``N`` tokens, ``B`` samples):
 
 * ``qtok``, ``order``, ``qoff``: target-only queries sorted by token (int64 ``[N_q]``: grouped by sample,
   in position order), the sort permutation, and per-sample query offsets ``[B+1]`` (``searchsorted``);
-* ``ranks``: dense time rank of every token (the mask compares ranks: exactly the int64 comparisons);
+* ``vis``: ``[N, 2]`` query and key visibility codes of every token (:func:`visibility_codes`: the mixed
+  mask as one comparison);
 * ``seconds``: seconds since the sample's earliest timestamp, clamped to ``2^31 - 2`` (time bias; exact
   while a sample spans less than ~68 years);
 * ``stats``: ``[B, 3]`` first non-H position, 1 + last H position, 1 + last H/R position (mixed mask);
@@ -50,11 +51,26 @@ def mixed_stats(offsets: torch.Tensor, token_type: torch.Tensor, num_tokens: int
     return torch.stack([h_prefix, h_end, e_end], 1).to(torch.int32).contiguous()
 
 
-def time_ranks(timestamps: torch.Tensor) -> torch.Tensor:
-    """``[N]`` int32 dense rank of each timestamp in the batch (equal stamps, equal ranks)."""
-    stamps, order = torch.sort(timestamps)
-    changes = torch.cat([stamps.new_zeros(1), (stamps[1:] != stamps[:-1]).to(torch.int64)]).cumsum(0)
-    return torch.empty_like(changes).scatter_(0, order, changes).to(torch.int32)
+def visibility_codes(token_type: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+    """``[N, 2]`` int32 codes per token, ``(query code, key code)``, such that inside a sample query ``i``
+    may attend key ``j`` under the mixed mask (:mod:`recfm.foundation.model.mask`) exactly when
+    ``key[j] <= query[i]`` or ``j == i``: one comparison per pair instead of types, times and positions.
+
+    Let ``u`` be a token's place when the batch is sorted by ``(timestamp, index)``; inside a sample the
+    index order is the position order, so ``u`` orders the sample's tokens by ``(t, pos)``.
+
+    * H: query ``-1``, key ``-1``: every query sees H keys, an H query sees nothing else.
+    * R: query ``u``, key ``u``: R keys at or before it in ``(t, pos)``.
+    * T: query ``(tokens stamped strictly earlier) - 1``: R keys strictly earlier in time; key ``2^31 - 1``:
+      no query sees a target, except the target itself through ``j == i``.
+    """
+    stamps, order = torch.sort(timestamps, stable=True)
+    place = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    earlier = torch.searchsorted(stamps, timestamps)  # tokens of the batch stamped strictly earlier
+    minus_one = torch.full_like(place, -1)
+    query = torch.where(token_type == 0, minus_one, torch.where(token_type == 1, place, earlier - 1))
+    key = torch.where(token_type == 0, minus_one, torch.where(token_type == 1, place, torch.iinfo(torch.int32).max))
+    return torch.stack([query, key], 1).to(torch.int32).contiguous()
 
 
 def relative_seconds(offsets: torch.Tensor, timestamps: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -95,7 +111,7 @@ class TokenMeta:
     order: torch.Tensor | None
     qoff: torch.Tensor
     token_type: torch.Tensor
-    ranks: torch.Tensor
+    vis: torch.Tensor
     seconds: torch.Tensor
     stats: torch.Tensor
     positions: torch.Tensor
@@ -132,7 +148,7 @@ def _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_tim
     return TokenMeta(
         offsets=offsets, qtok=qtok, order=order, qoff=qoff,
         token_type=token_type.contiguous() if mixed else i64,
-        ranks=time_ranks(timestamps) if mixed else i32,
+        vis=visibility_codes(token_type, timestamps) if mixed else i32,
         seconds=seconds,
         stats=mixed_stats(offsets, token_type, num_tokens) if mixed else i32,
         positions=positions,
