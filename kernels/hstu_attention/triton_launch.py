@@ -60,7 +60,8 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head-dim class and "heavy" (a bias table on: more
 # live registers per score). The first of each list is the best of bench/attention_sweep.py on an H100 at
 # B=16, L=4096, 4 x 128 (d 128: causal without tables, mixed with both tables) and 3 x 256 (d 256, mixed),
-# bf16 (docs/benchmarks.md); the others are what the autotuner also tries (batches from TUNE_FROM_LEN on).
+# bf16 (docs/benchmarks.md); d 256 without tables (dq, dkdv): the fastest of a pinned profile of 2 x 256 causal
+# at L 4096. The others are what the autotuner also tries (batches from TUNE_FROM_LEN on).
 # Shorter batches run the last one. Each compiles for sm_90 within shared memory (16-bit bias tables).
 _CONFIGS = {
     ("fwd", 64, False): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
@@ -68,10 +69,10 @@ _CONFIGS = {
     ("fwd", 256, False): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
     ("dq", 64, False): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
     ("dq", 128, False): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-    ("dq", 256, False): [(64, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
+    ("dq", 256, False): [(128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
     ("dkdv", 64, False): [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
     ("dkdv", 128, False): [(64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3)],
-    ("dkdv", 256, False): [(32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
+    ("dkdv", 256, False): [(64, 64, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2), (16, 32, 4, 2)],
     ("fwd", 64, True): [(128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
     ("fwd", 128, True): [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2)],
     ("fwd", 256, True): [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2)],
