@@ -19,6 +19,8 @@ LIGHT = dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 3), dkdv=(64, 128, 8, 3))  # t
 HEAVY = dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 2), dkdv=(32, 128, 8, 3), band=(32, 32, 4, 2))  # with tables
 INLINE = dict(fwd=(128, 64, 8, 3), dq_inline=(32, 32, 4, 2), dkdv=(32, 128, 8, 3))  # one dQ pass for the tables
 INLINE_64 = dict(INLINE, dq_inline=(64, 32, 8, 2))
+D256_OLD = dict(fwd=(128, 64, 8, 2), dq=(64, 64, 8, 2), dkdv=(32, 64, 8, 2))  # d 256 first configs before 52ffb8d
+D256 = dict(fwd=(128, 64, 8, 2), dq=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # d 256 first configs since
 KINDS = ("fwd", "dq", "band", "dkdv")
 ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band)
     ("no tables, light blocks", "mixed-nobias", LIGHT, True),
@@ -29,6 +31,8 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("both tables, one dQ pass 64x32", "mixed", INLINE_64, False),
     ("target layer, no tables", "targets-nobias", LIGHT, True),
     ("target layer, both tables", "targets", HEAVY, True),
+    ("2 x 256 causal, dq 64x64, dkdv 32x64", "causal-2x256", D256_OLD, True),
+    ("2 x 256 causal, dq 128x32, dkdv 64x64", "causal-2x256", D256, True),
 ]
 
 

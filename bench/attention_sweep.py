@@ -34,6 +34,7 @@ VARIANTS = {  # name: (h, h_kv, d, mask, bias tables kept: "pos,time" | "pos" | 
     "targets": (4, 4, 128, "targets", "pos,time"),
     "targets-nobias": (4, 4, 128, "targets", ""),
     "medium": (3, 3, 256, "mixed", "pos,time"),  # the medium preset's attention (3 heads x 256, bias tables)
+    "causal-2x256": (2, 2, 256, "causal", ""),  # the d 256 head size without tables
 }
 LIGHT = {  # no bias tables
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
@@ -49,6 +50,11 @@ HEAVY = {  # position and/or time bias tables (mixed, targets); "band": the tabl
     "dkdv": [(32, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3)],
     "band": [(32, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 3), (64, 64, 8, 2)],
 }
+LIGHT_256 = {  # d 256, no bias tables
+    "fwd": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2)],
+    "dq": [(128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+    "dkdv": [(64, 64, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 8, 2)],
+}
 HEAVY_256 = {
     "fwd": [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2)],
     "dq": [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 3)],
@@ -60,7 +66,7 @@ HEAVY_256 = {
 def candidates(variant: str) -> dict:
     _, _, d, mask, tables = VARIANTS[variant]
     if not tables:
-        return LIGHT
+        return LIGHT_256 if d > 128 else LIGHT
     return HEAVY_256 if d > 128 else HEAVY
 
 
