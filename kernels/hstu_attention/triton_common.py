@@ -65,7 +65,7 @@ def pos_bucket(ev_q, ev_k, P_HALF):
 
 
 @triton.jit
-def time_bucket(vis_q, vis_k, TBND, NUM_TB, inv_log2_base):
+def time_bucket(tt_q, tt_k, TBND, NUM_TB, inv_log2_base):
     """Column of the time table: the number of boundaries ``<= |t_i - t_j|`` (exact).
 
     Base 2 (``inv_log2_base == 1``, the default) with int32 times: the boundaries are ``2^k - 1``, so the
@@ -78,7 +78,7 @@ def time_bucket(vis_q, vis_k, TBND, NUM_TB, inv_log2_base):
     int32 times and boundaries, see triton_impl.relative_seconds; int64 works too, with gaps of at least the
     boundaries' cap of 2^62 s in the last bucket).
     """
-    dt = tl.abs(vis_q - vis_k)
+    dt = tl.abs(tt_q - tt_k)
     if dt.dtype == tl.int32 and inv_log2_base == 1.0:
         x = dt + 1  # >= 1; relative seconds are at most 2^31 - 2
         est = ((x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
@@ -171,7 +171,7 @@ def spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS: tl.constexpr, HAS_TIME: 
 
 
 @triton.jit
-def add_bias(s, ev_q, ev_k, vis_q, vis_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
+def add_bias(s, ev_q, ev_k, tt_q, tt_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
              HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
     """``s + pos_table[bucket] + time_table[bucket]`` (table pointers already at the head's row).
 
@@ -187,12 +187,12 @@ def add_bias(s, ev_q, ev_k, vis_q, vis_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TB
             low = tl.load(TTAB + b_lo).to(tl.float32)
             high = tl.load(TTAB + b_hi).to(tl.float32)
             bound = tl.load(TBND + b_lo, mask=b_hi > b_lo, other=INT_MAX)
-            s += tl.where(tl.abs(vis_q - vis_k) >= bound, high, low)
+            s += tl.where(tl.abs(tt_q - tt_k) >= bound, high, low)
     else:
         if HAS_POS:
             s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
         if HAS_TIME:
-            s += tl.load(TTAB + time_bucket(vis_q, vis_k, TBND, NUM_TB, inv_log2_base)).to(tl.float32)
+            s += tl.load(TTAB + time_bucket(tt_q, tt_k, TBND, NUM_TB, inv_log2_base)).to(tl.float32)
     return s
 
 
