@@ -177,17 +177,24 @@ def add_bias(s, ev_q, ev_k, tt_q, tt_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND
 
     ``[d_lo, d_hi]`` spans ``ev_q - ev_k`` over the tile and ``[b_lo, b_hi]`` its time buckets
     (:func:`bias_spans`). Most tiles lie entirely past the position clamp and within one time bucket or
-    across one boundary (all but those near the diagonal): they add a scalar and select between two
-    scalars by one comparison, with no per-score table read. Other tiles compute both buckets per score.
+    across one boundary (all but those near the diagonal): they add a scalar (one bucket) or select
+    between two scalars by one comparison, with no per-score table read. Other tiles compute both buckets
+    per score.
     """
     if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
+        base = 0.0
         if HAS_POS:
-            s += tl.load(PTAB + tl.where(d_lo >= P_HALF, 2 * P_HALF, 0)).to(tl.float32)
+            base = tl.load(PTAB + tl.where(d_lo >= P_HALF, 2 * P_HALF, 0)).to(tl.float32)
         if HAS_TIME:
-            low = tl.load(TTAB + b_lo).to(tl.float32)
-            high = tl.load(TTAB + b_hi).to(tl.float32)
-            bound = tl.load(TBND + b_lo, mask=b_hi > b_lo, other=INT_MAX)
-            s += tl.where(tl.abs(tt_q - tt_k) >= bound, high, low)
+            base += tl.load(TTAB + b_lo).to(tl.float32)
+            if b_hi > b_lo:  # across one boundary: a select per score
+                step = tl.load(TTAB + b_hi).to(tl.float32) - tl.load(TTAB + b_lo).to(tl.float32)
+                bound = tl.load(TBND + b_lo)
+                s += tl.where(tl.abs(tt_q - tt_k) >= bound, base + step, base)
+            else:  # one bucket: a scalar
+                s += base
+        else:
+            s += base
     else:
         if HAS_POS:
             s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
@@ -231,9 +238,12 @@ def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg
             tg_lo = tl.zeros_like(tg_lo)
             tg_hi = tl.zeros_like(tg_hi)
             tb = b_lo
-        high = upper_rows(ds, tt_q, tt_k, b_lo, b_hi, TBND)
-        tg_hi += high
-        tg_lo += rs - high
+        if b_hi > b_lo:
+            high = upper_rows(ds, tt_q, tt_k, b_lo, b_hi, TBND)
+            tg_hi += high
+            tg_lo += rs - high
+        else:  # one bucket: no per-score comparison
+            tg_lo += rs
     return pg_lo, pg_hi, tb, tg_lo, tg_hi
 
 
