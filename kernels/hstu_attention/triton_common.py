@@ -186,9 +186,10 @@ def add_bias(s, ev_q, ev_k, tt_q, tt_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND
         if HAS_POS:
             base = tl.load(PTAB + tl.where(d_lo >= P_HALF, 2 * P_HALF, 0)).to(tl.float32)
         if HAS_TIME:
-            base += tl.load(TTAB + b_lo).to(tl.float32)
+            low = tl.load(TTAB + b_lo).to(tl.float32)
+            base += low
             if b_hi > b_lo:  # across one boundary: a select per score
-                step = tl.load(TTAB + b_hi).to(tl.float32) - tl.load(TTAB + b_lo).to(tl.float32)
+                step = tl.load(TTAB + b_hi).to(tl.float32) - low
                 bound = tl.load(TBND + b_lo)
                 s += tl.where(tl.abs(tt_q - tt_k) >= bound, base + step, base)
             else:  # one bucket: a scalar
