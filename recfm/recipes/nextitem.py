@@ -1,6 +1,7 @@
 """Next-item recipe: train HSTU or SASRec on one dataset for several seeds, report full-corpus HR/NDCG.
 
-Per seed: AdamW with linear warmup then a constant rate, gradient clipping, bf16 autocast on CUDA; each
+Per seed: AdamW with linear warmup then a constant rate (or a cosine decay to 0 at ``max_epochs``,
+``train.schedule``), gradient clipping, bf16 autocast on CUDA; each
 epoch is one pass over the training users in a seeded random order, in jagged batches of ``batch_size``
 users (no padding for HSTU). How training ends depends on ``train.protocol`` (splits: :mod:`.nextitem_data`):
 
@@ -48,8 +49,9 @@ from tqdm.auto import tqdm
 
 from recfm.configs import config_path
 from recfm.recipes.checkpoint import Checkpointer, atomic_write_bytes
-from recfm.recipes.nextitem_config import NextItemConfig, Protocol, load_nextitem_config
+from recfm.recipes.nextitem_config import NextItemConfig, Protocol, Schedule, load_nextitem_config
 from recfm.recipes.nextitem_data import NextItemData, Split, gather_batch, load_data
+from recfm.recipes.nextitem_features import ItemAttributes, load_item_attributes
 from recfm.recipes.nextitem_model import METRICS, NextItemModel, check_timestamps, evaluate, token_positions
 
 SELECT = "ndcg@10"  # validation metric for model selection and early stopping
@@ -87,12 +89,16 @@ def nextitem(config: str | Path | NextItemConfig, overrides=(), seeds=None, out=
     device = pick_device(cfg.train.device)
     data = load_data(cfg.data, cfg.train.protocol).to(device)
     check_timestamps(cfg, data)  # before any seed: time bias on, no timestamps -> ConfigError
+    attributes = None
+    if cfg.embedding.item_attributes:
+        attributes = load_item_attributes(cfg.data, data.num_items).to(device)
     out_dir = Path(cfg.out) if cfg.out else None
-    per_seed = [train_seed(cfg, data, seed, device, out_dir) for seed in cfg.seeds]
+    per_seed = [train_seed(cfg, data, seed, device, out_dir, attributes) for seed in cfg.seeds]
     validated = cfg.train.protocol is Protocol.STANDARD
     result = {
         "name": cfg.name, "model": cfg.model, "protocol": cfg.train.protocol.value, "config": cfg.to_dict(),
-        "device": describe_device(device, cfg), "seeds": list(cfg.seeds), "data": data.summary(),
+        "device": describe_device(device, cfg), "seeds": list(cfg.seeds),
+        "data": {**data.summary(), "item_attributes": attributes.summary() if attributes is not None else None},
         "per_seed": per_seed,
         "aggregate": {"test": aggregate([r["test"] for r in per_seed]),
                       "valid": aggregate([r["valid"] for r in per_seed]) if validated else None},
@@ -128,7 +134,8 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
-def train_seed(cfg: NextItemConfig, data: NextItemData, seed: int, device: torch.device, out_dir: Path | None) -> dict:
+def train_seed(cfg: NextItemConfig, data: NextItemData, seed: int, device: torch.device, out_dir: Path | None,
+               attributes: ItemAttributes | None = None) -> dict:
     """Train one seed and evaluate test once (module docstring): ``standard`` with validation-based early
     stopping and the best weights, ``published`` for ``max_epochs`` epochs with the final weights."""
     t = cfg.train
@@ -137,15 +144,15 @@ def train_seed(cfg: NextItemConfig, data: NextItemData, seed: int, device: torch
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
     negatives_rng = torch.Generator(device=device).manual_seed(seed)
-    model = NextItemModel(cfg, data.num_items).to(device)
+    model = NextItemModel(cfg, data.num_items, attributes).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (t.warmup_steps + 1)))
-    autocast = t.bf16 and device.type == "cuda"
-    ckpt = Checkpointer(out_dir / f"seed-{seed}" / "checkpoints", keep=1) if out_dir and t.checkpoint else None
-
     users = data.train.num_users
     steps = math.ceil(users / t.batch_size)
     steps = min(steps, t.steps_per_epoch) if t.steps_per_epoch else steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(t.schedule, t.warmup_steps, t.max_epochs * steps))
+    autocast = t.bf16 and device.type == "cuda"
+    ckpt = Checkpointer(out_dir / f"seed-{seed}" / "checkpoints", keep=1) if out_dir and t.checkpoint else None
+
     budget = t.max_minutes * 60 if t.max_minutes else math.inf
     best_score, best_state, best_epoch, best_valid, stale = -1.0, None, 0 if validated else None, None, 0
     history, stopped_by, step_count = [], "max_epochs", 0
@@ -189,6 +196,18 @@ def train_seed(cfg: NextItemConfig, data: NextItemData, seed: int, device: torch
     return {"seed": seed, "best_epoch": best_epoch, "epochs": len(history), "steps": step_count,
             "stopped_by": stopped_by, "train_seconds": round(train_seconds, 2), "valid": best_valid, "test": test,
             "history": history}
+
+
+def lr_factor(schedule: Schedule, warmup_steps: int, total_steps: int):
+    """The multiplier of ``lr`` after ``s`` optimizer steps: linear warmup over ``warmup_steps``, then 1
+    (``constant``) or half a cosine reaching 0 at ``total_steps`` (``cosine``; the warmup counts)."""
+    def factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / (warmup_steps + 1))
+        if schedule is Schedule.CONSTANT:
+            return warm
+        progress = min(1.0, s / max(1, total_steps))
+        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
 
 
 def _train_epoch(model: NextItemModel, opt, sched, train: Split, perm: np.ndarray, steps: int, batch_size: int,

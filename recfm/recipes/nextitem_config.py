@@ -11,11 +11,12 @@
       max_len: 200                    # the most recent items kept per input sequence
       num_items: 3952                 # ids are 1..num_items (null: the largest id in the data)
       max_users: null                 # keep the first N users (smoke runs)
-    embedding: {dropout: 0.2}
+      train_windows: last             # last | all: training samples per user (nextitem_data)
+    embedding: {dropout: 0.2, item_attributes: false}
     backbone: {num_blocks: 2, layer: {d_model: 50, ...}}      # model: hstu  (a BackboneConfig)
     sasrec:   {d_model: 50, num_blocks: 2, ...}               # model: sasrec (a SASRecConfig)
     retrieval: {temperature: 0.05, num_negatives: 128, negatives: uniform}
-    train: {protocol: standard, batch_size: 128, lr: 1.0e-3, max_epochs: 100, patience: 10, max_minutes: 1.5, ...}
+    train: {protocol: standard, batch_size: 128, lr: 1.0e-3, schedule: constant, max_epochs: 100, patience: 10, ...}
     seeds: [0, 1, 2]
     out: runs/nextitem/ml-1m-hstu
 
@@ -53,6 +54,20 @@ class Protocol(str, enum.Enum):
     PUBLISHED = "published"  # the HSTU repository's: train on all but the last item, max_epochs, final weights
 
 
+class Windows(str, enum.Enum):
+    """Which part of a user's training prefix becomes training samples (:mod:`.nextitem_data`)."""
+
+    LAST = "last"  # one sample: the most recent max_len + 1 items (the published recipes)
+    ALL = "all"  # the whole prefix, cut from the end into windows of max_len + 1 items: every target once
+
+
+class Schedule(str, enum.Enum):
+    """Learning rate after the linear warmup (:mod:`.nextitem`)."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"  # half a cosine from lr to 0 at the end of max_epochs
+
+
 @dataclass(frozen=True)
 class DataSection:
     dataset: Dataset = Dataset.ML_1M
@@ -61,6 +76,7 @@ class DataSection:
     max_len: int = 200
     num_items: int | None = None
     max_users: int | None = None
+    train_windows: Windows = Windows.LAST
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,7 @@ class EmbeddingSection:
     dropout: float = 0.2  # on the input item embeddings (HSTU; SASRec uses sasrec.dropout)
     positions: int = 0  # HSTU: rows of a learned absolute position table added to the input (0: none; the
     #                     HSTU repository adds one, std 1/sqrt(d), on top of its relative bias); >= data.max_len
+    item_attributes: bool = False  # add the mean of each item's side-file attributes (nextitem_features)
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,8 @@ class TrainSection:
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, ...] = (0.9, 0.98)
-    warmup_steps: int = 100  # linear warmup, then constant
+    warmup_steps: int = 100  # linear warmup, then `schedule`
+    schedule: Schedule = Schedule.CONSTANT
     grad_clip: float = 1.0  # max global grad norm (0: off)
     max_epochs: int = 100
     steps_per_epoch: int | None = None  # cap (smoke runs); null = one pass over the training users

@@ -13,8 +13,16 @@ Protocols (``train.protocol``; per user, items in time order, ties in file order
       valid      none (``NextItemData.valid is None``)
       test       input  i_1..i_{n-1}, target i_n               as in standard
 
-The last item is never a training target. Every input keeps its most recent ``max_len`` items (train: the
-last ``max_len + 1`` items of the training prefix give ``max_len`` input/target pairs). Item ids
+The last item is never a training target. Every input keeps its most recent ``max_len`` items. Training
+samples (``data.train_windows``): ``last`` (default, the published recipes) takes the last ``max_len + 1`` items
+of the training prefix, ``max_len`` input/target pairs, so a longer prefix's earlier targets are never
+trained on; ``all`` cuts the whole prefix from its end into windows of ``max_len + 1`` items that overlap by
+one item (an earlier window's last target is the first input of the window after it), so every training
+target is predicted exactly once per epoch, with the context of its own window::
+
+    prefix i_1 .. i_m, max_len L:   [i_{m-L} .. i_m], [i_{m-2L} .. i_{m-L}], ...   (down to >= 2 items)
+
+A split's "users" are then its samples (``Split.num_users``); the valid and test splits keep one per user. Item ids
 ``1..num_items`` become rows ``0..num_items-1`` (row = id - 1), so the full corpus is the whole item table
 and no padding row exists.
 
@@ -41,6 +49,7 @@ times (positions) are dropped here, so nothing downstream mistakes them for time
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +58,7 @@ import torch
 
 from recfm.errors import DataError
 from recfm.foundation.data.real import beauty, ml1m, ml100k, sequences
-from recfm.recipes.nextitem_config import DataSection, Dataset, Protocol
+from recfm.recipes.nextitem_config import DataSection, Dataset, Protocol, Windows
 
 MIN_LENGTH = sequences.SHORT  # 3: a train, a valid and a test item
 
@@ -89,16 +98,17 @@ class NextItemData:
     skipped_short: int
     interactions: int
     source: str
+    train_users: int  # users with at least one training sample (train.num_users counts samples)
 
     def to(self, device: torch.device | str) -> NextItemData:
         valid = None if self.valid is None else self.valid.to(device)
-        return NextItemData(self.train.to(device), valid, self.test.to(device), self.num_items,
-                            self.users, self.skipped_short, self.interactions, self.source)
+        return dataclasses.replace(self, train=self.train.to(device), valid=valid, test=self.test.to(device))
 
     def summary(self) -> dict:
         return {
             "source": self.source, "users": self.users, "items": self.num_items, "interactions": self.interactions,
-            "skipped_short": self.skipped_short, "train_users": self.train.num_users,
+            "skipped_short": self.skipped_short, "train_users": self.train_users,
+            "train_samples": self.train.num_users,
             "train_tokens": int(self.train.offsets_host[-1]), "timestamps": self.has_times,
         }
 
@@ -165,11 +175,11 @@ def load_data(section: DataSection, protocol: Protocol = Protocol.STANDARD) -> N
         users, seqs = users[: section.max_users], seqs[: section.max_users]
         times = None if times is None else times[: section.max_users]
     return from_sequences(users, seqs, max_len=section.max_len, num_items=section.num_items, source=source,
-                          protocol=protocol, times=times)
+                          protocol=protocol, times=times, windows=section.train_windows)
 
 
 def from_sequences(users, seqs, *, max_len: int, num_items: int | None = None, source: str = "<memory>",
-                   protocol: Protocol = Protocol.STANDARD, times=None) -> NextItemData:
+                   protocol: Protocol = Protocol.STANDARD, times=None, windows: Windows = Windows.LAST) -> NextItemData:
     """Split in-memory sequences (item ids ``>= 1``, oldest first) into train/valid/test (module docstring).
 
     Args:
@@ -181,6 +191,7 @@ def from_sequences(users, seqs, *, max_len: int, num_items: int | None = None, s
             (test), and returns ``valid=None``.
         times: ``None`` (no real timestamps: every ``Split.times`` is ``None``), or one int sequence per user,
             the Unix seconds of its items (same length, non-decreasing: items are in time order).
+        windows: training samples per user (module docstring).
     """
     seen: set[int] = set()
     for u in users:
@@ -203,17 +214,21 @@ def from_sequences(users, seqs, *, max_len: int, num_items: int | None = None, s
     protocol = Protocol(protocol)
     held_out = 2 if protocol is Protocol.STANDARD else 1  # items at the end that are never training targets
 
-    def train_window(a: np.ndarray) -> np.ndarray:  # the training prefix's last max_len + 1 items
-        return a[:-held_out][-(max_len + 1):]
+    every = Windows(windows) is Windows.ALL
+
+    def train_windows(a: np.ndarray) -> list[np.ndarray]:  # windows of max_len + 1 items, oldest first
+        prefix = a[:-held_out]
+        ends = range(prefix.size, 1, -max_len) if every else [prefix.size] if prefix.size >= 2 else []
+        return [prefix[max(0, end - max_len - 1):end] for end in ends][::-1]
 
     def eval_input(a: np.ndarray, held: int) -> np.ndarray:  # the input before the `held` last items
         return a[:-held][-max_len:]
 
-    trained = [k for k, a in enumerate(kept) if train_window(a).size >= 2]
-    train_out = [train_window(kept[k])[1:] for k in trained]
-    train = _split([train_window(kept[k])[:-1] for k in trained],
-                   np.concatenate(train_out) if train_out else np.zeros(0, np.int64),
-                   times=None if kept_times is None else [train_window(kept_times[k])[:-1] for k in trained])
+    windows_of = [train_windows(a) for a in kept]
+    samples = [w for ws in windows_of for w in ws]
+    train_out = [w[1:] for w in samples]
+    train = _split([w[:-1] for w in samples], np.concatenate(train_out) if train_out else np.zeros(0, np.int64),
+                   times=None if kept_times is None else [w[:-1] for t in kept_times for w in train_windows(t)])
     valid = None
     if protocol is Protocol.STANDARD:
         valid = _split([eval_input(a, 2) for a in kept], np.array([a[-2] for a in kept], dtype=np.int64),
@@ -221,7 +236,7 @@ def from_sequences(users, seqs, *, max_len: int, num_items: int | None = None, s
     test = _split([eval_input(a, 1) for a in kept], np.array([a[-1] for a in kept], dtype=np.int64),
                   times=None if kept_times is None else [eval_input(t, 1) for t in kept_times])
     return NextItemData(train, valid, test, int(num_items), len(kept), len(arrays) - len(kept),
-                        int(sum(a.size for a in kept)), source)
+                        int(sum(a.size for a in kept)), source, sum(1 for ws in windows_of if ws))
 
 
 def _check_times(users, arrays: list[np.ndarray], times, source: str) -> list[np.ndarray]:

@@ -3,6 +3,7 @@
 ::
 
     ids [N] (item rows) --item table [num_items, d]--> x [N, d]
+        (with embedding.item_attributes: id row + mean of the item's attribute rows, nextitem_features)
         HSTU:   Dropout(x * sqrt(d) [+ pos[p] with embedding.positions])
                 -> Backbone(mask_mode="causal", all layers full; positions: its relative bias; with
                    backbone.layer.use_time_bias the tokens' real Unix times (JaggedBatch.times) as
@@ -39,19 +40,27 @@ from recfm.foundation.model.sasrec import SASRec
 from recfm.heads.retrieval import RetrievalHead, hr_ndcg_at_k
 from recfm.recipes.nextitem_config import NextItemConfig
 from recfm.recipes.nextitem_data import JaggedBatch, NextItemData, Split, gather_batch
+from recfm.recipes.nextitem_features import ItemAttributes, ItemTable
 
 KS = (10, 50)
 METRICS = tuple(f"{m}@{k}" for k in KS for m in ("hr", "ndcg"))
 
 
 class NextItemModel(nn.Module):
-    """Item table + encoder + retrieval head for one next-item config (module docstring)."""
+    """Item table + encoder + retrieval head for one next-item config (module docstring); ``attributes``
+    (required when ``embedding.item_attributes`` is on) feed the item table's side features."""
 
-    def __init__(self, cfg: NextItemConfig, num_items: int):
+    def __init__(self, cfg: NextItemConfig, num_items: int, attributes: ItemAttributes | None = None):
         super().__init__()
         self.kind, d = cfg.model, cfg.d_model
-        self.items = nn.Embedding(num_items, d)
-        nn.init.normal_(self.items.weight, std=0.02)
+        if cfg.embedding.item_attributes:
+            if attributes is None:
+                raise ConfigError([f"{cfg.source_file}: embedding.item_attributes is on but no attributes were "
+                                   "loaded (nextitem_features.load_item_attributes)"])
+            self.items = ItemTable(num_items, d, attributes)
+        else:
+            self.items = nn.Embedding(num_items, d)
+            nn.init.normal_(self.items.weight, std=0.02)
         if cfg.model == "hstu":
             self.encoder = Backbone(cfg.backbone)
             self.use_time = cfg.backbone.layer.use_time_bias

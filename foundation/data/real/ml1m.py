@@ -16,12 +16,17 @@ Output (``out/``): ``events.parquet`` with ``user_id, timestamp, action="rate", 
 in the HSTU and SASRec ML-1M recipes. Movie ids are GroupLens' own (1..3952), so the configs in
 ``configs/real/ml-1m`` use an identity item vocabulary of 3953 rows (row 0 unused: padding).
 
+Movie side file (``movies.dat``, both layouts): ``MovieID::Title::Genres``, genres ``|``-separated, the
+release year in parentheses at the end of the title. :func:`read_movies` turns it into attribute tokens
+(``genre:<name>``, ``year:<yyyy>``) for the next-item recipes' ``embedding.item_attributes``.
+
 Bad input (see :mod:`.sequences`): a user listed twice, an item id < 1 or a malformed line is a DataError
 naming the line; an empty sequence is skipped and counted; short sequences are kept and counted.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from recfm.errors import DataError
@@ -46,6 +51,30 @@ def read(src: Path) -> tuple[sequences.SequenceLog, str]:
         log = sequences.from_rows(cols["user_id"], cols["item_id"], cols["timestamp"], cols["rating"], path, 1)
         return log, "ratings.dat (GroupLens original)"
     raise DataError(f"{src}: neither sequences.csv nor ratings.dat found (file not found)")
+
+
+MOVIES_FILE = "movies.dat"
+_YEAR = re.compile(r"\((\d{4})\)\s*$")
+
+
+def read_movies(path: Path) -> dict[int, list[str]]:
+    """``{movie id: attribute tokens}`` from ``movies.dat``: one ``genre:<name>`` per genre, then ``year:<yyyy>``
+    when the title ends with a year in parentheses. A malformed line, a duplicated or non-positive id: a
+    DataError naming the line."""
+    out: dict[int, list[str]] = {}
+    for number, line in textio.lines(path):
+        parts = line.split("::")
+        if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) < 1:
+            raise DataError(f"{path}:{number}: expected 'MovieID::Title::Genres' with a positive id, got {line[:80]!r}")
+        movie, title, genres = int(parts[0]), parts[1], parts[2]
+        if movie in out:
+            raise DataError(f"{path}:{number}: movie {movie} listed twice")
+        tokens = [f"genre:{g}" for g in genres.split("|") if g]
+        year = _YEAR.search(title)
+        if year:
+            tokens.append(f"year:{year.group(1)}")
+        out[movie] = tokens
+    return out
 
 
 def convert_ml1m(src: Path, out: Path) -> ConvertReport:
