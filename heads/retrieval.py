@@ -105,8 +105,8 @@ class RetrievalHead(nn.Module):
         negatives: Negatives | str = Negatives.UNIFORM,
     ):
         super().__init__()
-        if item_table is not None and tuple(item_table.weight.shape) != (num_items, item_dim):
-            shape = tuple(item_table.weight.shape)
+        if item_table is not None and (item_table.num_embeddings, item_table.embedding_dim) != (num_items, item_dim):
+            shape = (item_table.num_embeddings, item_table.embedding_dim)
             raise ConfigError([f"retrieval head: shared item table is {shape[0]} x {shape[1]}, expected {num_items} x {item_dim}"])
         if temperature <= 0:
             raise ConfigError([f"retrieval head: temperature must be > 0, got {temperature}"])

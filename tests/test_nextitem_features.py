@@ -136,7 +136,7 @@ def sasrec_config(**embedding) -> NextItemConfig:
         seeds=(0,), source_file="attrs.yaml")
 
 
-def test_attributes_reach_the_shared_head_and_train():
+def test_attributes_reach_the_shared_head_and_train(monkeypatch):
     """One genre groups items 1-10, another 11-20: the attribute rows get gradients through the input table
     and the shared output table, and a few cosine epochs run end to end."""
     rng = np.random.default_rng(0)
@@ -146,8 +146,13 @@ def test_attributes_reach_the_shared_head_and_train():
     cfg = sasrec_config(item_attributes=True)
     with pytest.raises(ConfigError, match="attrs.yaml: embedding.item_attributes is on but no attributes"):
         NextItemModel(cfg, 20)
+    calls = []
+    weight = ItemTable.weight
+    monkeypatch.setattr(ItemTable, "weight", property(lambda self: calls.append(1) or weight.fget(self)))
     model = NextItemModel(cfg, 20, attrs)
-    assert model.head.items is model.items
+    assert not calls  # nothing reads the table before the model moves to its device
+    assert model.head.items is model.items and model.items.tokens.device.type == "cpu"
+    monkeypatch.undo()
     run = train_seed(cfg, data, 0, torch.device("cpu"), None, attrs)
     assert run["steps"] == 2 * math.ceil(data.train.num_users / 16)
     assert np.isfinite(run["history"][-1]["loss"])

@@ -91,7 +91,7 @@ def nextitem(config: str | Path | NextItemConfig, overrides=(), seeds=None, out=
     check_timestamps(cfg, data)  # before any seed: time bias on, no timestamps -> ConfigError
     attributes = None
     if cfg.embedding.item_attributes:
-        attributes = load_item_attributes(cfg.data, data.num_items).to(device)
+        attributes = load_item_attributes(cfg.data, data.num_items)  # the model moves them with itself
     out_dir = Path(cfg.out) if cfg.out else None
     per_seed = [train_seed(cfg, data, seed, device, out_dir, attributes) for seed in cfg.seeds]
     validated = cfg.train.protocol is Protocol.STANDARD

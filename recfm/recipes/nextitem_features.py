@@ -107,8 +107,8 @@ def load_item_attributes(section: DataSection, num_items: int) -> ItemAttributes
 class ItemTable(nn.Module):
     """``[num_items, d]`` item embeddings: an id table plus the mean of each item's attribute embeddings.
 
-    Exposes ``weight`` (the whole table, recomputed from the parameters on each access) and ``forward(ids)``
-    like an ``nn.Embedding``, so the retrieval head can share it.
+    Exposes ``weight`` (the whole table, recomputed from the parameters on each access), ``forward(ids)``,
+    ``num_embeddings`` and ``embedding_dim`` like an ``nn.Embedding``, so the retrieval head can share it.
     """
 
     def __init__(self, num_items: int, d: int, attributes: ItemAttributes):
@@ -120,8 +120,10 @@ class ItemTable(nn.Module):
         self.attributes = nn.EmbeddingBag(max(1, len(attributes.names)), d, mode="mean")
         nn.init.normal_(self.ids.weight, std=0.02)
         nn.init.normal_(self.attributes.weight, std=0.02)
-        self.register_buffer("tokens", attributes.tokens.clone(), persistent=False)
-        self.register_buffer("starts", attributes.offsets[:-1].clone(), persistent=False)
+        self.num_embeddings, self.embedding_dim = num_items, d  # as nn.Embedding's (RetrievalHead checks them)
+        # built on the CPU like the parameters; module.to(device) moves them together
+        self.register_buffer("tokens", attributes.tokens.cpu().clone(), persistent=False)
+        self.register_buffer("starts", attributes.offsets[:-1].cpu().clone(), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
