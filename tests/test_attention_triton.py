@@ -191,22 +191,6 @@ def test_bias_tile_paths(mode, base, grid, monkeypatch):
                      forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
 
 
-@pytest.mark.parametrize("base, grid", [(1.5, None), (2.0, 16)])
-def test_bias_tile_paths_with_the_time_table_in_memory(base, grid, monkeypatch):
-    # time tables wider than triton_launch.TB_REGS_MAX: flat tiles load their time-table entries and
-    # boundaries instead of selecting them from registers (here forced for the 32-bucket table)
-    monkeypatch.setattr(triton_launch, "TB_REGS_MAX", 0)
-    if grid is not None:
-        monkeypatch.setattr(triton_launch, "SPLIT_FROM_LEN", 0)
-        monkeypatch.setattr(triton_launch, "INTERPRET_SUPER", grid)
-    q, k, v, offsets, types, stamps = tile_path_batch()
-    kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode="mixed", normaliser="keys",
-              time_bucket_base=base)
-    tabs = (table(2, 9, 42), table(2, 32, 43))
-    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw),
-                     forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
-
-
 @pytest.mark.parametrize("grid", [None, 16])
 def test_position_gradient_of_target_rows(grid, monkeypatch):
     # target-only query rows (a target layer) in time order share or step through event positions: the

@@ -28,7 +28,6 @@ from recfm.kernels.hstu_attention.triton_common import (
     bias_spans,
     chunk_ranges,
     dot,
-    flat_consts,
     flat_grads_add,
     flush_band_time,
     flush_clamped,
@@ -46,12 +45,12 @@ from recfm.kernels.hstu_attention.triton_common import (
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, Q, DO, INVN, QTOK, TYPE, VIS, TT,
-               POS, PTAB, TTAB, TBND, consts, QEXT, qc0, qc1, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
-               NUM_TB, inv_log2_base, H: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
+def _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, Q, DO, INVN, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, QEXT, qc0, qc1,
+               seq_start, q_len, L, start_m, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base,
+               H: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
                MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
-               HAS_TIME: tl.constexpr, TB_REGS: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+               HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
         QTOK, TYPE, VIS, TT, POS, seq_start, q_len, start_m, HAS_QIDX, False, MASKED and MASK_MODE == 2,
         HAS_TIME, HAS_POS, BLOCK_M)
@@ -62,9 +61,9 @@ def _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, tt
     if HAS_POS or HAS_TIME:
         evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, start_m, BLOCK_M, HAS_POS, HAS_TIME)
         d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
-                                            consts, NUM_TB, inv_log2_base, HAS_TIME, TB_REGS)
+                                            NUM_TB, inv_log2_base, HAS_TIME)
     st = add_bias(st, ev_q[None, :], ev_k[:, None], tt_q[None, :], tt_k[:, None], d_lo, d_hi, b_lo, b_hi, PTAB,
-                  TTAB, TBND, consts, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_REGS)
+                  TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
     at, dat = silu_parts(st, FAST)
     if NORM == 0:
         at = at * (1.0 / L.to(tl.float32))
@@ -92,11 +91,10 @@ def hstu_dkdv_kernel(
     ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
-    HAS_TIME: tl.constexpr, TB_PAD: tl.constexpr, TB_REGS: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """DK ``[N, H/GROUP, D_QK]``, DV ``[N, H/GROUP, D_V]`` (input dtype); other tensors and TB_PAD / TB_REGS as
-    the forward."""
+    """DK ``[N, H/GROUP, D_QK]``, DV ``[N, H/GROUP, D_V]`` (input dtype); other tensors as the forward."""
     b = tl.program_id(0)
     kv_h = tl.program_id(1)
     pid = tl.program_id(2)
@@ -141,28 +139,25 @@ def hstu_dkdv_kernel(
             do_g = DO + g * D_V
             ptab = PTAB + g * ptab_stride
             ttab = TTAB + g * ttab_stride
-            consts = flat_consts(ptab, ttab, TBND, P_HALF, NUM_TB, HAS_POS, HAS_TIME, TB_PAD, TB_REGS)
             for start_m in range(free_lo, free_hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, q_g, do_g,
-                                    INVN, QTOK, TYPE, VIS, TT, POS, ptab, ttab, TBND, consts, QEXT, qc0, qc1, seq_start,
-                                    q_len, L, start_m, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, D_QK, D_V,
-                                    False, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, TB_REGS, DOT_PREC, FAST,
-                                    BLOCK_M, BLOCK_DQK, BLOCK_DV)
+                dk, dv = _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
+                                    ptab, ttab, TBND, QEXT, qc0, qc1, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
+                                    NUM_TB, inv_log2_base, H, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV)
             for start_m in range(masked_lo, masked_hi, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, q_g, do_g,
-                                    INVN, QTOK, TYPE, VIS, TT, POS, ptab, ttab, TBND, consts, QEXT, qc0, qc1, seq_start,
-                                    q_len, L, start_m, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, D_QK, D_V,
-                                    True, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, TB_REGS, DOT_PREC, FAST,
-                                    BLOCK_M, BLOCK_DQK, BLOCK_DV)
+                dk, dv = _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
+                                    ptab, ttab, TBND, QEXT, qc0, qc1, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
+                                    NUM_TB, inv_log2_base, H, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV)
         store_rows(DK, cols, col_ok, dk * alpha, H_KV * D_QK, D_QK, BLOCK_DQK)
         store_rows(DV, cols, col_ok, dv, H_KV * D_V, D_V, BLOCK_DV)
 
 
 @triton.jit
-def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT, POS,
-             PTAB, TTAB, TBND, consts, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
-             H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr,
-             HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, TB_REGS: tl.constexpr, DOT_PREC: tl.constexpr,
+def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT,
+             POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
+             H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
+             MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
              FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """``dS`` of one key tile ``[BLOCK_M, BLOCK_N]`` fp32 (zero where the mask or the sample end excludes a
     pair), with the key tile and its bias spans."""
@@ -175,9 +170,9 @@ def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq
     if HAS_POS or HAS_TIME:
         evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, start_n, BLOCK_N, HAS_POS, HAS_TIME)
         d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
-                                            consts, NUM_TB, inv_log2_base, HAS_TIME, TB_REGS)
+                                            NUM_TB, inv_log2_base, HAS_TIME)
     s = add_bias(s, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi, b_lo, b_hi, PTAB, TTAB,
-                 TBND, consts, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_REGS)
+                 TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
     _, da = silu_parts(s, FAST)
     dp = dot(do, tl.trans(v), None, DOT_PREC)
     ds = dp * da * inv_n
@@ -188,14 +183,14 @@ def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq
 
 
 @triton.jit
-def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi,
-             ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, consts, KEXT,
-             kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr,
-             D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr,
-             HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, TB_REGS: tl.constexpr, DOT_PREC: tl.constexpr,
-             FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-             FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
-             BAND: tl.constexpr, SUPER: tl.constexpr, INLINE: tl.constexpr):
+def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
+             ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
+             DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr,
+             D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
+             HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
+             TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr,
+             INLINE: tl.constexpr):
     """One key tile of :func:`_dq_program`: ``dQ += dS k`` and the table gradients of flat super-tiles
     (``BAND`` false), or only the table gradients of the other super-tiles (``BAND`` true)."""
     GRADS: tl.constexpr = POS_GRAD or TIME_GRAD
@@ -203,49 +198,48 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
     if GRADS and not INLINE and not BAND:  # the SUPER x SUPER tile holding this one decides: dq adds its gradients
         sk_lo, sk_hi, skt_lo, skt_hi = tile_span(KEXT, kc0, kc1, (start_n // SUPER) * SUPER, SUPER, HAS_POS, HAS_TIME)
         sd_lo, sd_hi, sb_lo, sb_hi = bias_spans(sq_lo, sq_hi, sqt_lo, sqt_hi, sk_lo, sk_hi, skt_lo, skt_hi, TBND,
-                                                consts, NUM_TB, inv_log2_base, HAS_TIME, TB_REGS)
+                                                NUM_TB, inv_log2_base, HAS_TIME)
         flat = spans_flat(sd_lo, sd_hi, sb_lo, sb_hi, P_HALF, HAS_POS, HAS_TIME)
     if BAND:  # a tile of a cell that is not flat (_dq_range skips the flat ones)
         ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
             q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS,
-            TT, POS, PTAB, TTAB, TBND, consts, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV,
-            D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, TB_REGS, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+            TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV,
+            D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
-                                           pg_lo, pg_hi, tgb, DPTAB, TBND, consts, P_HALF, NUM_TB, inv_log2_base,
-                                           FEW_BUCKETS, POS_GRAD, TIME_GRAD, TB_REGS, BLOCK_M, BLOCK_N)
+                                           pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
+                                           FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
     else:
-        ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q,
-            evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, consts, KEXT, kc0, kc1, L,
-            start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME,
-            TB_REGS, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+        ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
+            q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT,
+            POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
+            MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
         if GRADS and INLINE:  # every tile here, by its own spans
             if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
                 pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
                     ds, tt_q[:, None], tt_k[None, :], d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
-                    consts, P_HALF, NUM_TB, POS_GRAD, TIME_GRAD, TB_REGS)
+                    P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
             else:
                 pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
-                                                   pg_lo, pg_hi, tgb, DPTAB, TBND, consts, P_HALF, NUM_TB,
-                                                   inv_log2_base, FEW_BUCKETS, POS_GRAD, TIME_GRAD, TB_REGS, BLOCK_M,
-                                                   BLOCK_N)
+                                                   pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
+                                                   FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
         elif GRADS:
             if flat:
                 pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
                     ds, tt_q[:, None], tt_k[None, :], sd_lo, sb_lo, sb_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
-                    consts, P_HALF, NUM_TB, POS_GRAD, TIME_GRAD, TB_REGS)
+                    P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
     return dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb
 
 
 @triton.jit
-def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo,
-              evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, consts,
+def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q,
+              evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND,
               KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr,
-              HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, TB_REGS: tl.constexpr, DOT_PREC: tl.constexpr,
-              FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-              FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
-              BAND: tl.constexpr, SUPER: tl.constexpr, INLINE: tl.constexpr):
+              HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr,
+              POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr,
+              SUPER: tl.constexpr, INLINE: tl.constexpr):
     """:func:`_dq_step` over the key tiles of ``[lo, hi)`` (multiples of BLOCK_N). The band kernel walks the
     ``SUPER``-wide key cells instead, judges each cell's flatness once and skips the flat ones whole: per
     flat cell one span test instead of one per small tile (at L 4096 the mixed layer's band kernel went
@@ -254,33 +248,37 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
         for s0 in range((lo // SUPER) * SUPER, hi, SUPER):
             sk_lo, sk_hi, skt_lo, skt_hi = tile_span(KEXT, kc0, kc1, s0, SUPER, HAS_POS, HAS_TIME)
             sd_lo, sd_hi, sb_lo, sb_hi = bias_spans(sq_lo, sq_hi, sqt_lo, sqt_hi, sk_lo, sk_hi, skt_lo, skt_hi, TBND,
-                                                    consts, NUM_TB, inv_log2_base, HAS_TIME, TB_REGS)
+                                                    NUM_TB, inv_log2_base, HAS_TIME)
             if not spans_flat(sd_lo, sd_hi, sb_lo, sb_hi, P_HALF, HAS_POS, HAS_TIME):
                 for start_n in range(tl.maximum(s0, lo), tl.minimum(s0 + SUPER, hi), BLOCK_N):
-                    dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do,
-                        inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo,
-                        sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, consts, KEXT, kc0, kc1, DPTAB, DTTAB, L,
-                        start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, MASKED, MASK_MODE, HAS_POS,
-                        HAS_TIME, TB_REGS, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-                        TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
+                    dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
+                        dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q,
+                        evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB,
+                        TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
+                        H_KV, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
+                        BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
     else:
         for start_n in range(lo, hi, BLOCK_N):
-            dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n,
-                row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V,
-                TYPE, VIS, TT, POS, PTAB, TTAB, TBND, consts, KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF,
-                NUM_TB, inv_log2_base, H_KV, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, TB_REGS, DOT_PREC, FAST,
-                BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
+            dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
+                dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo,
+                evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, KEXT,
+                kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, MASKED,
+                MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
+                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
     return dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb
 
 
 @triton.jit
-def _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
-    KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr,
-    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASK_MODE: tl.constexpr,
-    NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, TB_REGS: tl.constexpr,
-    DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
-    TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr, INLINE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, ):
+def _dq_program(
+    Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+    MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
+    INLINE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
     """The query-major backward: the forward's loop over key tiles per query tile, see the two kernels."""
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -312,7 +310,6 @@ def _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, P
     DPTAB += g * ptab_stride
     DTTAB += g * ttab_stride
     kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, HAS_POS or HAS_TIME)
-    consts = flat_consts(PTAB, TTAB, TBND, P_HALF, NUM_TB, HAS_POS, HAS_TIME, TB_PAD, TB_REGS)
     pg_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     pg_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
     tb = 0
@@ -345,21 +342,22 @@ def _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, P
         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
             0, free_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q,
             ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB,
-            TBND, consts, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False,
-            MASK_MODE, HAS_POS, HAS_TIME, TB_REGS, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
+            TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False,
+            MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
             TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
-        dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(free_end, masked_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi,
-            tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo,
-            sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, consts, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF,
-            NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE, HAS_POS, HAS_TIME, TB_REGS, DOT_PREC, FAST,
-            BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
+        dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
+            free_end, masked_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
+            tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB,
+            TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
+            MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
+            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
         if MASK_MODE == 2:
-            dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(extra_lo, extra_hi, dqa, pg_lo, pg_hi, tb, tg_lo,
-                tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo,
-                sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, consts, KEXT, kc0, kc1, DPTAB, DTTAB,
-                L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE, HAS_POS, HAS_TIME, TB_REGS,
-                DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER,
-                INLINE)
+            dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
+                extra_lo, extra_hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
+                tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB,
+                TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
+                True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
+                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
         if not BAND:
             store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)
     if POS_GRAD:
@@ -372,13 +370,15 @@ def _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, P
 
 
 @triton.jit
-def hstu_dq_kernel(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN,
-    KEXT, KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr,
-    LEN_KEY, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASK_MODE: tl.constexpr,
-    NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, TB_REGS: tl.constexpr,
-    DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
-    TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr, INLINE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, ):
+def hstu_dq_kernel(
+    Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+    MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
+    INLINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
     """DQ ``[N_q, H, D_QK]`` (input dtype), and the table gradients (only when POS_GRAD / TIME_GRAD) into
     DPTAB/DTTAB, fp32 buffers laid out like the tables, accumulated in registers and added once per program.
     Flat tiles (:func:`.triton_common.spans_flat`: almost all tiles away from the diagonal) add row sums; with
@@ -387,18 +387,20 @@ def hstu_dq_kernel(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT
     :func:`hstu_band_grad_kernel` does the rest (long samples: dQ keeps large tiles)."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, GROUP,
-                D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, TB_REGS, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
+                D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
                 TIME_GRAD, False, SUPER, TB_PAD, INLINE, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
 
 @triton.jit
-def hstu_band_grad_kernel(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS,
-    INVN, KEXT, KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB,
-    inv_log2_base: tl.constexpr, LEN_KEY, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-    MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    TB_REGS: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
-    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr, INLINE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, ):
+def hstu_band_grad_kernel(
+    Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+    MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
+    POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
+    INLINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
     """The table gradients of the ``SUPER x SUPER`` tiles that are not flat (near the diagonal, or across
     several time buckets), which :func:`hstu_dq_kernel` leaves out: ``dS`` recomputed in small tiles
     (:func:`.triton_common.band_grads_add`: diagonal sums for the position table, per-bucket row sums in
@@ -406,5 +408,5 @@ def hstu_band_grad_kernel(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, 
     BLOCK_M and BLOCK_N divide SUPER."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, GROUP,
-                D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, TB_REGS, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
+                D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
                 TIME_GRAD, True, SUPER, TB_PAD, False, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)

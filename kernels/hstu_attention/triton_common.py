@@ -140,13 +140,11 @@ def tile_span(EXT, c_first, c_end, start, BLOCK: tl.constexpr, HAS_POS: tl.const
 
 
 @triton.jit
-def bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND, consts, NUM_TB, inv_log2_base,
-               HAS_TIME: tl.constexpr, TB_REGS: tl.constexpr):
+def bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND, NUM_TB, inv_log2_base,
+               HAS_TIME: tl.constexpr):
     """``(d_lo, d_hi, b_lo, b_hi)`` of a tile for :func:`add_bias`: the span of ``ev_q - ev_k`` and of the time
     buckets, from the query rows' and key columns' :func:`tile_span`. Buckets grow with ``|dt|``, so every
-    pair of the tile lies between the buckets of the smallest and largest possible gap. Bases other than 2
-    count the boundaries in registers (``consts`` of :func:`flat_consts`) with ``TB_REGS`` instead of
-    :func:`time_bucket`'s two TBND reads."""
+    pair of the tile lies between the buckets of the smallest and largest possible gap."""
     b_lo = 0
     b_hi = 0
     if HAS_TIME:
@@ -154,13 +152,8 @@ def bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, T
         t_hi = ttq_hi - ttk_lo
         a_lo = tl.where(t_lo > 0, t_lo, tl.where(t_hi < 0, -t_hi, 0))
         a_hi = tl.maximum(t_hi, -t_lo)
-        if TB_REGS and inv_log2_base != 1.0:  # the number of boundaries <= the gap (the INT_MAX padding: none)
-            t_bnd = consts[3]
-            b_lo = tl.sum(tl.where(t_bnd <= a_lo, 1, 0), axis=0)
-            b_hi = tl.sum(tl.where(t_bnd <= a_hi, 1, 0), axis=0)
-        else:
-            b_lo = time_bucket(a_lo, 0, TBND, NUM_TB, inv_log2_base)
-            b_hi = time_bucket(a_hi, 0, TBND, NUM_TB, inv_log2_base)
+        b_lo = time_bucket(a_lo, 0, TBND, NUM_TB, inv_log2_base)
+        b_hi = time_bucket(a_hi, 0, TBND, NUM_TB, inv_log2_base)
     return evq_lo - evk_hi, evq_hi - evk_lo, b_lo, b_hi
 
 
@@ -178,79 +171,26 @@ def spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS: tl.constexpr, HAS_TIME: 
 
 
 @triton.jit
-def flat_consts(PTAB, TTAB, TBND, P_HALF, NUM_TB, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-                TB_PAD: tl.constexpr, TB_REGS: tl.constexpr):
-    """The table entries :func:`add_bias` needs on flat tiles, read once per program and head (table pointers
-    at the head's row) so that the key loop issues no dependent table load: ``(p_lo, p_hi, t_row, t_bnd)``.
-    ``p_lo`` / ``p_hi``: the clamped position buckets ``PTAB[0]`` / ``PTAB[2P]`` (fp32 scalars; 0.0 without a
-    position table). With ``TB_REGS`` (the launcher sets it when the time table has at most 32 buckets: a
-    ``[TB_PAD]`` vector then lies within one warp's lanes and a lookup is a warp-local reduction, see
-    :func:`table_entry`): the time table row ``t_row`` ``[TB_PAD]`` fp32 (0 past ``NUM_TB``) and its
-    boundaries ``t_bnd`` ``[TB_PAD]`` int32 (``INT_MAX`` past the ``NUM_TB - 1`` boundaries: above every
-    relative second). Without it both are unused placeholders and flat tiles load their entries."""
-    p_lo = 0.0
-    p_hi = 0.0
-    if HAS_POS:
-        p_lo = tl.load(PTAB).to(tl.float32)
-        p_hi = tl.load(PTAB + 2 * P_HALF).to(tl.float32)
-    c = tl.arange(0, TB_PAD)
-    t_row = tl.zeros([TB_PAD], dtype=tl.float32)
-    t_bnd = tl.full([TB_PAD], INT_MAX, dtype=tl.int32)
-    if HAS_TIME and TB_REGS:
-        t_row = tl.load(TTAB + c, mask=c < NUM_TB, other=0.0).to(tl.float32)
-        t_bnd = tl.load(TBND + c, mask=c < NUM_TB - 1, other=INT_MAX).to(tl.int32)
-    return p_lo, p_hi, t_row, t_bnd
-
-
-@triton.jit
-def table_entry(TAB, row, b, TB_REGS: tl.constexpr):
-    """``TAB[b]`` as a scalar of ``row``'s dtype (int32 or fp32): with ``TB_REGS`` from the register copy
-    ``row`` (:func:`flat_consts`) by a select and a sum within a warp, else one load. The sum runs on int32
-    (fp32 entries as their bit patterns, exact: one lane is non-zero): one ``redux.sync`` instruction, where a
-    float sum takes five dependent shuffles."""
-    if TB_REGS:
-        bits = row.to(tl.int32, bitcast=True)
-        entry = tl.sum(tl.where(tl.arange(0, row.shape[0]) == b, bits, 0), axis=0).to(row.dtype, bitcast=True)
-    else:
-        entry = tl.load(TAB + b).to(row.dtype)
-    return entry
-
-
-@triton.jit
-def flat_boundary(TBND, t_bnd, b_lo, b_hi, TB_REGS: tl.constexpr):
-    """The boundary ``TBND[b_lo]`` a flat tile straddles when ``b_hi > b_lo``, else ``INT_MAX`` (relative
-    seconds stay below it), as in :func:`table_entry`."""
-    if TB_REGS:
-        bound = tl.where(b_hi > b_lo, table_entry(TBND, t_bnd, b_lo, TB_REGS), INT_MAX)
-    else:
-        bound = tl.load(TBND + b_lo, mask=b_hi > b_lo, other=INT_MAX)
-    return bound
-
-
-@triton.jit
-def add_bias(s, ev_q, ev_k, tt_q, tt_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND, consts, P_HALF, NUM_TB,
-             inv_log2_base, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, TB_REGS: tl.constexpr):
+def add_bias(s, ev_q, ev_k, tt_q, tt_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
+             HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
     """``s + pos_table[bucket] + time_table[bucket]`` (table pointers already at the head's row).
 
     ``[d_lo, d_hi]`` spans ``ev_q - ev_k`` over the tile and ``[b_lo, b_hi]`` its time buckets
     (:func:`bias_spans`). Most tiles lie entirely past the position clamp and within one time bucket or
     across one boundary (all but those near the diagonal): they add a scalar (one bucket) or select
-    between two scalars by one comparison, with no per-score table read. Their entries come from
-    ``consts`` (:func:`flat_consts`, read before the key loop): the clamped position entries always, the
-    time table's entries and boundary by register selects with ``TB_REGS``, else by scalar loads
-    (:func:`table_entry`). Other tiles compute both buckets per score and gather from the tables.
+    between two scalars by one comparison, with no per-score table read. Other tiles compute both buckets
+    per score.
     """
     if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
-        p_lo, p_hi, t_row, t_bnd = consts
         base = 0.0
         if HAS_POS:
-            base = tl.where(d_lo >= P_HALF, p_hi, p_lo)
+            base = tl.load(PTAB + tl.where(d_lo >= P_HALF, 2 * P_HALF, 0)).to(tl.float32)
         if HAS_TIME:
-            low = table_entry(TTAB, t_row, b_lo, TB_REGS)
+            low = tl.load(TTAB + b_lo).to(tl.float32)
             base += low
             if b_hi > b_lo:  # across one boundary: a select per score
-                step = table_entry(TTAB, t_row, b_hi, TB_REGS) - low
-                bound = table_entry(TBND, t_bnd, b_lo, TB_REGS)
+                step = tl.load(TTAB + b_hi).to(tl.float32) - low
+                bound = tl.load(TBND + b_lo)
                 s += tl.where(tl.abs(tt_q - tt_k) >= bound, base + step, base)
             else:  # one bucket: a scalar
                 s += base
@@ -272,23 +212,23 @@ def clamped_rows_add(rs, d_lo, P_HALF, pg_lo, pg_hi):
 
 
 @triton.jit
-def upper_rows(ds, tt_q, tt_k, bound):
-    """Row sums of ``ds`` over the pairs with ``|dt| >= bound`` (:func:`flat_boundary`: zeros for a tile within
-    one bucket): the split of a flat tile's time gradient by the one boundary it may straddle."""
+def upper_rows(ds, tt_q, tt_k, b_lo, b_hi, TBND):
+    """Row sums of ``ds`` over the pairs in bucket ``b_hi`` of a tile spanning ``b_lo .. b_lo + 1`` (zeros when
+    ``b_hi == b_lo``): the split of a flat tile's time gradient by the one boundary it may straddle."""
+    bound = tl.load(TBND + b_lo, mask=b_hi > b_lo, other=INT_MAX)  # relative seconds stay below INT_MAX
     return tl.sum(tl.where(tl.abs(tt_q - tt_k) >= bound, ds, 0.0), axis=1)
 
 
 @triton.jit
-def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND, consts, P_HALF,
-                   NUM_TB, POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, TB_REGS: tl.constexpr):
+def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND, P_HALF, NUM_TB,
+                   POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr):
     """Table gradients of a tile whose spans are flat (:func:`spans_flat`), added to per-program registers.
 
     ``ds`` ``[BLOCK_M, BLOCK_N]`` fp32 is zero wherever the mask or the sample end excludes a pair. Its row
     sums go to ``pg_hi`` (every pair past the clamp above: position bucket ``2P``) or ``pg_lo`` (bucket 0),
     both ``[BLOCK_M]``. Time: ``tg_lo`` / ``tg_hi`` ``[BLOCK_M]`` hold the row sums of buckets ``tb`` and
     ``tb + 1``; a tile whose low bucket is not ``tb`` first adds them to DTTAB (two atomics) and moves ``tb``
-    (rare: a query tile's keys cross few bucket boundaries, mostly in order). The boundary between the two
-    comes from ``consts`` (:func:`flat_consts`) or TBND as in :func:`table_entry`. Row sums stay within a warp;
+    (rare: a query tile's keys cross few bucket boundaries, mostly in order). Row sums stay within a warp;
     :func:`flush_clamped` and :func:`flush_time` add what is left once per program."""
     rs = tl.sum(ds, axis=1)
     if POS_GRAD:
@@ -300,7 +240,7 @@ def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg
             tg_hi = tl.zeros_like(tg_hi)
             tb = b_lo
         if b_hi > b_lo:
-            high = upper_rows(ds, tt_q, tt_k, table_entry(TBND, consts[3], b_lo, TB_REGS))
+            high = upper_rows(ds, tt_q, tt_k, b_lo, b_hi, TBND)
             tg_hi += high
             tg_lo += rs - high
         else:  # one bucket: no per-score comparison
@@ -310,8 +250,8 @@ def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg
 
 @triton.jit
 def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi, pg_lo, pg_hi, tgb, DPTAB, TBND,
-                   consts, P_HALF, NUM_TB, inv_log2_base, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
-                   TIME_GRAD: tl.constexpr, TB_REGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   P_HALF, NUM_TB, inv_log2_base, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
+                   TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Table gradients of a tile of the band kernel (``[d_lo, d_hi]``, ``[b_lo, b_hi]`` its spans; ``ds`` zero
     outside the mask). Position: a tile past the clamp adds its row sums to ``pg_lo`` / ``pg_hi`` as in
     :func:`flat_grads_add`, others take :func:`pos_grad_add` (diagonal sums). Time: per-bucket row sums go to
@@ -326,8 +266,7 @@ def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo,
     if TIME_GRAD:
         col = tl.arange(0, tgb.shape[1])[None, :]
         if b_hi - b_lo <= 1:
-            bound = flat_boundary(TBND, consts[3], b_lo, b_hi, TB_REGS)
-            high = upper_rows(ds, tt_q[:, None], tt_k[None, :], bound)
+            high = upper_rows(ds, tt_q[:, None], tt_k[None, :], b_lo, b_hi, TBND)
             tgb += tl.where(col == b_hi, high[:, None], 0.0) + tl.where(col == b_lo, (rs - high)[:, None], 0.0)
         else:
             bucket = time_bucket(tt_q[:, None], tt_k[None, :], TBND, NUM_TB, inv_log2_base)

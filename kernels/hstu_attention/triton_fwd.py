@@ -24,7 +24,6 @@ from recfm.kernels.hstu_attention.triton_common import (
     add_bias,
     allowed_tile,
     dot,
-    flat_consts,
     key_ranges,
     key_tile,
     bias_spans,
@@ -39,11 +38,11 @@ from recfm.kernels.hstu_attention.triton_common import (
 
 
 @triton.jit
-def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT, POS, PTAB,
-              TTAB, TBND, consts, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr,
-              D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, COUNT: tl.constexpr,
-              HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, TB_REGS: tl.constexpr, DOT_PREC: tl.constexpr,
-              FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha,
+              P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+              MASKED: tl.constexpr, MASK_MODE: tl.constexpr, COUNT: tl.constexpr, HAS_POS: tl.constexpr,
+              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, start_n, MASKED and MASK_MODE == 2, HAS_TIME,
                                                HAS_POS, BLOCK_N)
     k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
@@ -52,18 +51,17 @@ def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq
     if HAS_POS or HAS_TIME:
         evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, start_n, BLOCK_N, HAS_POS, HAS_TIME)
         d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
-                                            consts, NUM_TB, inv_log2_base, HAS_TIME, TB_REGS)
+                                            NUM_TB, inv_log2_base, HAS_TIME)
     if FAST:  # silu(s) = h + h tanh(h) with h = s / 2: one multiply, one MUFU tanh, one FMA per score
         if HAS_POS or HAS_TIME:
             h = 0.5 * add_bias(raw * alpha, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi,
-                               b_lo, b_hi, PTAB, TTAB, TBND, consts, P_HALF, NUM_TB, inv_log2_base, HAS_POS,
-                               HAS_TIME, TB_REGS)
+                               b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
         else:
             h = raw * (0.5 * alpha)
         a = h + h * tanh_approx(h)
     else:
         s = add_bias(raw * alpha, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi, b_lo, b_hi,
-                     PTAB, TTAB, TBND, consts, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_REGS)
+                     PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
         a, _ = silu_parts(s, False)
     if MASKED:
         ok = allowed_tile(MASK_MODE, vis_q[:, None], vis_k[None, :], pos_q[:, None], cols[None, :])
@@ -81,13 +79,11 @@ def hstu_fwd_kernel(
     ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
-    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_PAD: tl.constexpr, TB_REGS: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Q ``[N_q, H, D_QK]`` (rows grouped by sample, QOFF ``[B+1]``), K ``[N, H/GROUP, D_QK]``,
-    V ``[N, H/GROUP, D_V]``, O ``[N_q, H, D_V]``; all contiguous. LEN_KEY only keys the autotuner. TB_PAD: the
-    time table's width rounded up to a power of two; TB_REGS: hold it in registers
-    (:func:`.triton_common.flat_consts`)."""
+    V ``[N, H/GROUP, D_V]``, O ``[N_q, H, D_V]``; all contiguous. LEN_KEY only keys the autotuner."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     pid = tl.program_id(2)
@@ -117,7 +113,6 @@ def hstu_fwd_kernel(
     PTAB += g * ptab_stride
     TTAB += g * ttab_stride
     kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, HAS_POS or HAS_TIME)
-    consts = flat_consts(PTAB, TTAB, TBND, P_HALF, NUM_TB, HAS_POS, HAS_TIME, TB_PAD, TB_REGS)
     for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
         rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
             QTOK, TYPE, VIS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
@@ -131,21 +126,19 @@ def hstu_fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
         for start_n in range(0, free_end, BLOCK_N):
-            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS,
-                                 TT, POS, PTAB, TTAB, TBND, consts, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB,
-                                 inv_log2_base, H_KV, D_QK, D_V, False, MASK_MODE, COUNT, HAS_POS, HAS_TIME, TB_REGS,
-                                 DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
+                                 start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False, MASK_MODE,
+                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         for start_n in range(free_end, masked_end, BLOCK_N):
-            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS,
-                                 TT, POS, PTAB, TTAB, TBND, consts, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB,
-                                 inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE, COUNT, HAS_POS, HAS_TIME, TB_REGS,
-                                 DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+            acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
+                                 start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE,
+                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
-                acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE,
-                                     VIS, TT, POS, PTAB, TTAB, TBND, consts, KEXT, kc0, kc1, L, start_n, alpha, P_HALF,
-                                     NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE, COUNT, HAS_POS, HAS_TIME,
-                                     TB_REGS, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1,
+                                     L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
+                                     MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
+                                     BLOCK_DV)
         if NORM == 0:
             acc = acc * (1.0 / L.to(tl.float32))
         elif NORM == 1:

@@ -68,10 +68,6 @@ class _Plan:
             FAST=q.dtype != torch.float32 and not interpreting(),
             BLOCK_DQK=max(16, triton.next_power_of_2(self.d_qk)),
             BLOCK_DV=max(16, triton.next_power_of_2(self.d_v)),
-            # the time table's width padded to a power of two; small tables are read into registers once per
-            # program (triton_common.flat_consts), larger ones are read from memory on flat tiles
-            TB_PAD=triton.next_power_of_2(max(num_tb, 1)),
-            TB_REGS=0 < num_tb <= triton_launch.TB_REGS_MAX,
         )
         self.keys_norm = norm is Normaliser.KEYS
         # 16-bit inputs read the bias tables in their dtype: a 2-byte gather is a plain cached load, while a
@@ -126,7 +122,8 @@ class _HSTUAttention(torch.autograd.Function):
             launch("dkdv", plan.max_len, plan.num_samples, plan.num_heads // plan.group,
                    (q_sorted, k, v, do, dk, dv, *tail), plan.meta)
             grads = dict(POS_GRAD=pos_bias is not None and ctx.needs_input_grad[3],
-                         TIME_GRAD=time_bias is not None and ctx.needs_input_grad[4])
+                         TIME_GRAD=time_bias is not None and ctx.needs_input_grad[4],
+                         TB_PAD=triton.next_power_of_2(plan.time_shape[1]) if plan.time_shape else 1)
             args = (q_sorted, k, v, do, dq, dpos, dtime, *tail)
             table_grads = grads["POS_GRAD"] or grads["TIME_GRAD"]
             split = table_grads and plan.max_len >= triton_launch.SPLIT_FROM_LEN

@@ -28,7 +28,6 @@ INTERPRET_SUPER = 16  # the table-gradient grid under the interpreter (tests als
 SUPER = 128  # the table-gradient grid on a GPU: at least every BLOCK_M / BLOCK_N below
 SPLIT_FROM_LEN = 2048  # from this max_len on, table gradients split between dq and band (else dq_inline)
 TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not worth the compile time)
-TB_REGS_MAX = 32  # time tables of at most this many buckets (one per lane of a warp) sit in registers: flat_consts
 KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
        "TIME_GRAD"]
 
