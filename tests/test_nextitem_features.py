@@ -178,3 +178,28 @@ def test_a_dataset_without_a_side_file_is_a_config_error(tmp_path):
     section = DataSection(dataset=Dataset.SEQUENCES, root=str(tmp_path), path="seqs.txt")
     with pytest.raises(ConfigError, match="embedding.item_attributes: dataset sequences has no item side file"):
         load_item_attributes(section, 10)
+
+
+def test_tuned_ml1m_config_loads_with_its_options():
+    from recfm.recipes.nextitem import resolve_config
+    from recfm.recipes.nextitem_config import load_nextitem_config
+    cfg = load_nextitem_config(resolve_config("ml-1m/hstu_tuned"))
+    assert (cfg.data.train_windows, cfg.train.schedule, cfg.train.protocol) == (Windows.ALL, Schedule.COSINE,
+                                                                                 Protocol.PUBLISHED)
+    assert cfg.backbone.layer.d_model == 128 and cfg.retrieval.negatives.value == "full"
+
+
+@pytest.mark.data
+def test_tuned_ml1m_config_runs_on_a_slice_of_the_public_data(tmp_path):
+    from recfm.recipes.nextitem import nextitem
+    if not (DATA / "ml-1m").is_dir():
+        pytest.skip(f"{DATA}/ml-1m not present")
+    overrides = [f"data.root={DATA}", "data.max_users=30", "data.max_len=12", "train.max_epochs=2",
+                 "train.steps_per_epoch=2", "train.batch_size=8", "train.eval_batch_size=16", "train.progress=false",
+                 "train.device=cpu", "backbone.layer.max_rel_pos=12", "backbone.num_blocks=2"]
+    result = nextitem("ml-1m/hstu_tuned", overrides, seeds=[0], out=tmp_path)
+    data = result["data"]
+    assert data["users"] == 30 and data["train_samples"] > data["train_users"] == 30  # long users: many windows
+    run = result["per_seed"][0]
+    assert run["best_epoch"] is None and run["epochs"] == 2 and run["steps"] == 4
+    assert 0.0 <= run["test"]["ndcg@10"] <= run["test"]["hr@10"] <= run["test"]["hr@50"] <= 1.0
