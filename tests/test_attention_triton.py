@@ -28,7 +28,7 @@ from recfm.errors import RecfmError  # noqa: E402
 from recfm.foundation.model.bias import time_bucket_boundaries, time_buckets  # noqa: E402
 from recfm.kernels.hstu_attention import hstu_attention  # noqa: E402
 from recfm.kernels.hstu_attention.triton_common import tile_span, time_bucket  # noqa: E402
-from recfm.kernels.hstu_attention import triton_launch  # noqa: E402
+from recfm.kernels.hstu_attention import triton_impl, triton_launch  # noqa: E402
 from recfm.kernels.hstu_attention.triton_launch import _interpreter_index_fix, interpreting  # noqa: E402
 from recfm.foundation.model.mask import allowed  # noqa: E402
 from recfm.kernels.hstu_attention.triton_meta import chunk_extremes, visibility_codes  # noqa: E402
@@ -189,6 +189,26 @@ def test_bias_tile_paths(mode, base, grid, monkeypatch):
     tabs = (table(2, 9, 42), table(2, 32, 43))
     assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw),
                      forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("lanes", [False, True], ids=["loads", "lanes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_time_table_by_lanes_or_loads(lanes, dtype, monkeypatch):
+    # tiles across several time buckets read the time table per score: by warp shuffles (triton_common.lane_lookup,
+    # a GPU and at most 32 entries) or by a load per score (the interpreter, larger tables); both match the
+    # reference on every tile path, forward and backward
+    assert not triton_impl.lanes_hold_time_table(33) and not triton_impl.lanes_hold_time_table(0)
+    assert triton_impl.lanes_hold_time_table(32) == (not interpreting())
+    if lanes and interpreting():
+        pytest.skip("warp shuffles are PTX: the interpreter takes the load path")
+    monkeypatch.setattr(triton_impl, "lanes_hold_time_table", lambda num_tb: lanes)
+    q, k, v, offsets, types, stamps = tile_path_batch()
+    kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode="mixed", normaliser="keys",
+              time_bucket_base=2.0)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    tabs = (table(2, 9, 45).to(dtype), table(2, 32, 46).to(dtype))
+    got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    assert_close_rel(got, forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[dtype])
 
 
 @pytest.mark.parametrize("grid", [None, 16])

@@ -50,7 +50,7 @@ def _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, tt
                H: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
                MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
                HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr):
     rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
         QTOK, TYPE, VIS, TT, POS, seq_start, q_len, start_m, HAS_QIDX, False, MASKED and MASK_MODE == 2,
         HAS_TIME, HAS_POS, BLOCK_M)
@@ -63,7 +63,7 @@ def _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, tt
         d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
                                             NUM_TB, inv_log2_base, HAS_TIME)
     st = add_bias(st, ev_q[None, :], ev_k[:, None], tt_q[None, :], tt_k[:, None], d_lo, d_hi, b_lo, b_hi, PTAB,
-                  TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
+                  TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_LANES)
     at, dat = silu_parts(st, FAST)
     if NORM == 0:
         at = at * (1.0 / L.to(tl.float32))
@@ -91,7 +91,7 @@ def hstu_dkdv_kernel(
     ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
-    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DK ``[N, H/GROUP, D_QK]``, DV ``[N, H/GROUP, D_V]`` (input dtype); other tensors as the forward."""
@@ -143,12 +143,12 @@ def hstu_dkdv_kernel(
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
                                     ptab, ttab, TBND, QEXT, qc0, qc1, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
                                     NUM_TB, inv_log2_base, H, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
-                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES)
             for start_m in range(masked_lo, masked_hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
                                     ptab, ttab, TBND, QEXT, qc0, qc1, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
                                     NUM_TB, inv_log2_base, H, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
-                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV)
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES)
         store_rows(DK, cols, col_ok, dk * alpha, H_KV * D_QK, D_QK, BLOCK_DQK)
         store_rows(DV, cols, col_ok, dv, H_KV * D_V, D_V, BLOCK_DV)
 
@@ -158,7 +158,8 @@ def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq
              POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
              H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
              MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
-             FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+             FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+             TB_LANES: tl.constexpr):
     """``dS`` of one key tile ``[BLOCK_M, BLOCK_N]`` fp32 (zero where the mask or the sample end excludes a
     pair), with the key tile and its bias spans."""
     cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, start_n, MASKED and MASK_MODE == 2, HAS_TIME,
@@ -172,7 +173,7 @@ def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq
         d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
                                             NUM_TB, inv_log2_base, HAS_TIME)
     s = add_bias(s, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi, b_lo, b_hi, PTAB, TTAB,
-                 TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
+                 TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_LANES)
     _, da = silu_parts(s, FAST)
     dp = dot(do, tl.trans(v), None, DOT_PREC)
     ds = dp * da * inv_n
@@ -190,7 +191,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
              TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr,
-             INLINE: tl.constexpr):
+             INLINE: tl.constexpr, TB_LANES: tl.constexpr):
     """One key tile of :func:`_dq_program`: ``dQ += dS k`` and the table gradients of flat super-tiles
     (``BAND`` false), or only the table gradients of the other super-tiles (``BAND`` true)."""
     GRADS: tl.constexpr = POS_GRAD or TIME_GRAD
@@ -204,7 +205,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
         ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
             q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS,
             TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV,
-            D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+            D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES)
         pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
                                            pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
                                            FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
@@ -212,7 +213,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
         ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
             q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT,
             POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
-            MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+            MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES)
         dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
         if GRADS and INLINE:  # every tile here, by its own spans
             if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
@@ -239,7 +240,7 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
               HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr,
               POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr,
-              SUPER: tl.constexpr, INLINE: tl.constexpr):
+              SUPER: tl.constexpr, INLINE: tl.constexpr, TB_LANES: tl.constexpr):
     """:func:`_dq_step` over the key tiles of ``[lo, hi)`` (multiples of BLOCK_N). The band kernel walks the
     ``SUPER``-wide key cells instead, judges each cell's flatness once and skips the flat ones whole: per
     flat cell one span test instead of one per small tile (at L 4096 the mixed layer's band kernel went
@@ -256,7 +257,7 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
                         evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB,
                         TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
                         H_KV, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
-                        BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
+                        BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES)
     else:
         for start_n in range(lo, hi, BLOCK_N):
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
@@ -264,7 +265,7 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
                 evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, KEXT,
                 kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, MASKED,
                 MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
+                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES)
     return dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb
 
 
@@ -276,7 +277,7 @@ def _dq_program(
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The query-major backward: the forward's loop over key tiles per query tile, see the two kernels."""
@@ -344,20 +345,20 @@ def _dq_program(
             ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB,
             TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
+            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES)
         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
             free_end, masked_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
             tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB,
             TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
+            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES)
         if MASK_MODE == 2:
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
                 extra_lo, extra_hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
                 tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB,
                 TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
                 True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE)
+                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES)
         if not BAND:
             store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)
     if POS_GRAD:
@@ -377,7 +378,8 @@ def hstu_dq_kernel(
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DQ ``[N_q, H, D_QK]`` (input dtype), and the table gradients (only when POS_GRAD / TIME_GRAD) into
     DPTAB/DTTAB, fp32 buffers laid out like the tables, accumulated in registers and added once per program.
@@ -388,7 +390,7 @@ def hstu_dq_kernel(
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, GROUP,
                 D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, False, SUPER, TB_PAD, INLINE, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
 
 @triton.jit
@@ -399,7 +401,8 @@ def hstu_band_grad_kernel(
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The table gradients of the ``SUPER x SUPER`` tiles that are not flat (near the diagonal, or across
     several time buckets), which :func:`hstu_dq_kernel` leaves out: ``dS`` recomputed in small tiles
@@ -409,4 +412,4 @@ def hstu_band_grad_kernel(
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, GROUP,
                 D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, True, SUPER, TB_PAD, False, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)

@@ -35,6 +35,19 @@ INT_MAX: tl.constexpr = tl.constexpr(2**31 - 1)
 CHUNK: tl.constexpr = tl.constexpr(16)  # triton_meta.CHUNK
 
 
+def _lane_asm(size: int, read: str) -> tl.constexpr:
+    """PTX of :func:`lane_lookup`: ``$1`` the table, ``$2`` the index, ``$3`` the last entry (``n - 1``); entries
+    of ``size`` bytes, ``read`` loads the lane's entry at ``[a]`` into ``v`` (fp32 bits)."""
+    return tl.constexpr(
+        "{ .reg .u32 l; .reg .u64 a; .reg .b16 h; .reg .f32 f; .reg .b32 v; mov.u32 l, %laneid; min.u32 l, l, $3; "
+        f"mul.wide.u32 a, l, {size}; add.s64 a, a, $1; {read} shfl.sync.idx.b32 $0, v, $2, 31, -1; }}")
+
+
+LANE_BF16: tl.constexpr = _lane_asm(2, "ld.global.nc.b16 h, [a]; cvt.u32.u16 v, h; shl.b32 v, v, 16;")
+LANE_F16: tl.constexpr = _lane_asm(2, "ld.global.nc.b16 h, [a]; cvt.f32.f16 f, h; mov.b32 v, f;")
+LANE_F32: tl.constexpr = _lane_asm(4, "ld.global.nc.b32 v, [a];")
+
+
 @triton.jit
 def dot(a, b, acc, DOT_PREC: tl.constexpr):
     """``acc + a @ b`` (fp32 ``acc``; ``None`` = zeros). ``DOT_PREC``: ``"ieee"`` (fp32 inputs, no tf32),
@@ -172,14 +185,16 @@ def spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS: tl.constexpr, HAS_TIME: 
 
 @triton.jit
 def add_bias(s, ev_q, ev_k, tt_q, tt_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
-             HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
+             HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, TB_LANES: tl.constexpr):
     """``s + pos_table[bucket] + time_table[bucket]`` (table pointers already at the head's row).
 
     ``[d_lo, d_hi]`` spans ``ev_q - ev_k`` over the tile and ``[b_lo, b_hi]`` its time buckets
     (:func:`bias_spans`). Most tiles lie entirely past the position clamp and within one time bucket or
     across one boundary (all but those near the diagonal): they add a scalar (one bucket) or select
     between two scalars by one comparison, with no per-score table read. Other tiles compute both buckets
-    per score.
+    per score and read the position table per score; the time table too, unless ``TB_LANES`` (a GPU and a
+    time table of at most 32 entries): then :func:`lane_lookup` takes each entry from a warp lane's register
+    by one shuffle, with no per-score memory access.
     """
     if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
         base = 0.0
@@ -200,8 +215,31 @@ def add_bias(s, ev_q, ev_k, tt_q, tt_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND
         if HAS_POS:
             s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
         if HAS_TIME:
-            s += tl.load(TTAB + time_bucket(tt_q, tt_k, TBND, NUM_TB, inv_log2_base)).to(tl.float32)
+            bucket = time_bucket(tt_q, tt_k, TBND, NUM_TB, inv_log2_base)
+            if TB_LANES:
+                s += lane_lookup(TTAB, bucket, NUM_TB)
+            else:
+                s += tl.load(TTAB + bucket).to(tl.float32)
     return s
+
+
+@triton.jit
+def lane_lookup(TAB, idx, n):
+    """``TAB[idx]`` as fp32 for a table of ``n <= 32`` entries, broadcast like ``idx`` (int32 in ``[0, n)``),
+    by warp shuffles: lane ``l`` of each warp reads ``TAB[min(l, n - 1)]`` into a register and every score
+    takes lane ``idx``'s value with one ``shfl.sync.idx``. Lane id, table read and shuffle are one asm block
+    per element, so no layout conversion can move a value to another lane between them; ptxas reads the
+    table once per thread (the address is the same for every element of a thread). CUDA only (PTX), and
+    every lane of a warp must reach it (a tile-uniform branch, as in :func:`add_bias`). ``TAB``: bf16,
+    fp16 or fp32."""
+    args = [TAB + tl.zeros_like(idx), idx, tl.zeros_like(idx) + (n - 1)]
+    if TAB.dtype.element_ty == tl.bfloat16:
+        out = tl.inline_asm_elementwise(LANE_BF16, "=f,l,r,r", args, dtype=tl.float32, is_pure=False, pack=1)
+    elif TAB.dtype.element_ty == tl.float16:
+        out = tl.inline_asm_elementwise(LANE_F16, "=f,l,r,r", args, dtype=tl.float32, is_pure=False, pack=1)
+    else:
+        out = tl.inline_asm_elementwise(LANE_F32, "=f,l,r,r", args, dtype=tl.float32, is_pure=False, pack=1)
+    return out
 
 
 @triton.jit

@@ -42,7 +42,7 @@ def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq
               P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
               MASKED: tl.constexpr, MASK_MODE: tl.constexpr, COUNT: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr):
     cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, start_n, MASKED and MASK_MODE == 2, HAS_TIME,
                                                HAS_POS, BLOCK_N)
     k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
@@ -55,13 +55,14 @@ def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq
     if FAST:  # silu(s) = h + h tanh(h) with h = s / 2: one multiply, one MUFU tanh, one FMA per score
         if HAS_POS or HAS_TIME:
             h = 0.5 * add_bias(raw * alpha, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi,
-                               b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
+                               b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME,
+                               TB_LANES)
         else:
             h = raw * (0.5 * alpha)
         a = h + h * tanh_approx(h)
     else:
         s = add_bias(raw * alpha, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi, b_lo, b_hi,
-                     PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME)
+                     PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_LANES)
         a, _ = silu_parts(s, False)
     if MASKED:
         ok = allowed_tile(MASK_MODE, vis_q[:, None], vis_k[None, :], pos_q[:, None], cols[None, :])
@@ -79,7 +80,7 @@ def hstu_fwd_kernel(
     ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
     MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
-    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Q ``[N_q, H, D_QK]`` (rows grouped by sample, QOFF ``[B+1]``), K ``[N, H/GROUP, D_QK]``,
@@ -128,17 +129,17 @@ def hstu_fwd_kernel(
         for start_n in range(0, free_end, BLOCK_N):
             acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
                                  start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False, MASK_MODE,
-                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES)
         for start_n in range(free_end, masked_end, BLOCK_N):
             acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
                                  start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE,
-                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
                 acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1,
                                      L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
                                      MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
-                                     BLOCK_DV)
+                                     BLOCK_DV, TB_LANES)
         if NORM == 0:
             acc = acc * (1.0 / L.to(tl.float32))
         elif NORM == 1:

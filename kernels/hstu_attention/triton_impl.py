@@ -40,6 +40,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "upcast" if dtype == torch.bfloat16 and interpreting() else "tf32"
 
 
+LANE_TABLE_MAX = 32  # time tables up to this size are read by warp shuffles (triton_common.lane_lookup)
+
+
+def lanes_hold_time_table(num_tb: int) -> bool:
+    """``TB_LANES`` of the kernels: near the diagonal, read the time table by warp shuffles (one register per
+    lane, :func:`.triton_common.lane_lookup`) instead of a global load per score. Needs a GPU (PTX; the
+    interpreter takes the load) and a table that fits a warp's 32 lanes; larger tables keep the load."""
+    return 0 < num_tb <= LANE_TABLE_MAX and not interpreting()
+
+
 class _Plan:
     """Device-side metadata of one call (built once, reused by the backward)."""
 
@@ -66,6 +76,7 @@ class _Plan:
             NORM=_NORMS[norm], HAS_QIDX=query_index is not None, HAS_POS=pos_bias is not None,
             HAS_TIME=time_bias is not None, DOT_PREC=_dot_precision(q.dtype),
             FAST=q.dtype != torch.float32 and not interpreting(),
+            TB_LANES=lanes_hold_time_table(num_tb),
             BLOCK_DQK=max(16, triton.next_power_of_2(self.d_qk)),
             BLOCK_DV=max(16, triton.next_power_of_2(self.d_v)),
         )
