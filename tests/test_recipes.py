@@ -51,6 +51,16 @@ def test_pretrain_writes_results_and_checkpoint(pretrained):
     assert len((pretrained / "train_log.jsonl").read_text().splitlines()) == 6
 
 
+def test_steady_rates_leave_out_the_first_log_window(pretrained, samples, tmp_path):
+    results = json.loads((pretrained / "results.json").read_text())  # 6 steps of 16 samples, a log every 2
+    total = results["samples_per_s"] * results["train_seconds"]
+    steady = results["steady_samples_per_s"] * results["steady_seconds"]
+    assert total == pytest.approx(6 * 16) and steady == pytest.approx(4 * 16)  # steps 3-6
+    assert 0 < results["steady_seconds"] < results["train_seconds"]
+    single = pretrain(None, run_args(samples, tmp_path, "train.steps=2", "train.ckpt_every=0"), progress=False)
+    assert single["steady_samples_per_s"] is None and single["steady_seconds"] == 0.0  # one window only
+
+
 def test_resume_after_a_crash_equals_the_uninterrupted_run(samples, tmp_path, monkeypatch):
     args = ("train.steps=8", "train.ckpt_every=4")
     whole = pretrain(None, run_args(samples, tmp_path / "a", *args), progress=False)

@@ -30,7 +30,8 @@ def pretrain(config: str | Path | None = None, overrides=(), progress: bool = Tr
     meta = session.run_meta(s, model)
     trainer = Trainer(model, data, s.cfg.train, s.out, device=s.device, meta=meta, progress=progress)
     result = trainer.fit()
-    samples, tokens = all_ranks_sum([result.samples, result.tokens], s.device)  # every rank's batches
+    samples, tokens, steady_samples, steady_tokens = all_ranks_sum(  # every rank's batches
+        [result.samples, result.tokens, result.steady_samples, result.steady_tokens], s.device)
     eval_model = model
     if trainer.sharded is not None:  # tables live in shards: rank 0 evaluates a gathered copy (collective)
         full = trainer.sharded.full_state(model.state_dict())
@@ -45,6 +46,10 @@ def pretrain(config: str | Path | None = None, overrides=(), progress: bool = Tr
         "train_seconds": result.seconds,
         "samples_per_s": samples / max(result.seconds, 1e-9),
         "tokens_per_s": tokens / max(result.seconds, 1e-9),
+        # after the first log window (compilation and autotuning excluded); null with a single window
+        "steady_samples_per_s": steady_samples / result.steady_seconds if result.steady_seconds else None,
+        "steady_tokens_per_s": steady_tokens / result.steady_seconds if result.steady_seconds else None,
+        "steady_seconds": result.steady_seconds,
         "final_loss": result.losses[-1] if result.losses else None,
         "checkpoint": result.checkpoint,
         "train_windows": [w for w in split.windows if w < split.eval_windows[0]],

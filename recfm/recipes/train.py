@@ -143,6 +143,11 @@ class TrainResult:
     tokens: int
     checkpoint: str | None = None
     notes: list[str] = field(default_factory=list)
+    # after the first log window (compilation, autotuning, first allocations) up to the last step, before the
+    # final checkpoint; 0 when the run had a single log window
+    steady_seconds: float = 0.0
+    steady_samples: int = 0
+    steady_tokens: int = 0
 
 
 class Trainer:
@@ -310,6 +315,8 @@ class Trainer:
         samples = tokens = 0
         t0 = time.perf_counter()
         window_t, window_samples, window_tokens = t0, 0, 0
+        steady_t = None  # the end of the first log window
+        steady_samples = steady_tokens = 0
         check_every = 1 if self.device.type == "cpu" else max(1, self.cfg.log_every)
         batches = self._batches()
         try:
@@ -323,6 +330,9 @@ class Trainer:
                 self.step += 1
                 samples += batch.num_samples
                 tokens += batch.num_tokens
+                if steady_t is not None:
+                    steady_samples += batch.num_samples
+                    steady_tokens += batch.num_tokens
                 window_samples += batch.num_samples
                 window_tokens += batch.num_tokens
                 bar.update(1)
@@ -338,9 +348,12 @@ class Trainer:
                     bar.set_postfix(loss=f"{self.history[-1]:.4f}", samples_s=f"{rate:,.0f}",
                                     tokens_s=f"{window_tokens / max(now - window_t, 1e-9):,.0f}")
                     window_t, window_samples, window_tokens = now, 0, 0
+                    if steady_t is None:
+                        steady_t = now
                 if at_ckpt:
                     self.save()
             self._raise_if_not_finite(bad)
+            steady_seconds = time.perf_counter() - steady_t if steady_samples else 0.0
             self._flush(pending, log, writer)
             path = self.save()
         finally:
@@ -352,6 +365,7 @@ class Trainer:
         return TrainResult(
             steps=self.step, losses=list(self.history), task_losses=self.task_history, resumed_from=resumed_from,
             seconds=time.perf_counter() - t0, samples=samples, tokens=tokens, checkpoint=str(path) if path else None,
+            steady_seconds=steady_seconds, steady_samples=steady_samples, steady_tokens=steady_tokens,
         )
 
     def _raise_if_not_finite(self, bad: torch.Tensor) -> None:
