@@ -154,7 +154,7 @@ def hstu_dkdv_kernel(
 
 
 @triton.jit
-def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT,
+def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, VIS, TT,
              POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
              H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
              MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -185,7 +185,7 @@ def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq
 
 @triton.jit
 def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
-             ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
+             ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
              DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr,
              D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -203,7 +203,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
         flat = spans_flat(sd_lo, sd_hi, sb_lo, sb_hi, P_HALF, HAS_POS, HAS_TIME)
     if BAND:  # a tile of a cell that is not flat (_dq_range skips the flat ones)
         ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
-            q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS,
+            q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, VIS,
             TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV,
             D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES)
         pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
@@ -211,7 +211,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
                                            FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
     else:
         ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
-            q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, TYPE, VIS, TT,
+            q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, K, V, VIS, TT,
             POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
             MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES)
         dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
@@ -234,7 +234,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
 
 @triton.jit
 def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q,
-              evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND,
+              evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND,
               KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr,
               HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
@@ -254,7 +254,7 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
                 for start_n in range(tl.maximum(s0, lo), tl.minimum(s0 + SUPER, hi), BLOCK_N):
                     dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
                         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q,
-                        evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB,
+                        evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
                         TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
                         H_KV, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
                         BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES)
@@ -262,7 +262,7 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
         for start_n in range(lo, hi, BLOCK_N):
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
                 dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo,
-                evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, KEXT,
+                evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT,
                 kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, MASKED,
                 MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
                 TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES)
@@ -342,20 +342,20 @@ def _dq_program(
         dqa = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
             0, free_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q,
-            ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB, TTAB,
+            ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB,
             TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
             TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES)
         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
             free_end, masked_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
-            tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB,
+            tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
             TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
             TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES)
         if MASK_MODE == 2:
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
                 extra_lo, extra_hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
-                tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, TYPE, VIS, TT, POS, PTAB,
+                tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
                 TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
                 True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
                 TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES)
