@@ -24,7 +24,6 @@ attribute id of an item outside ``1..num_items`` is a DataError naming the file 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from torch.nn import functional as F
 from recfm.errors import ConfigError, DataError
 from recfm.foundation.data.real import beauty, ml1m, ml100k
 from recfm.recipes.nextitem_config import DataSection, Dataset
+from recfm.recipes.nextitem_data import resolve_source
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def from_mapping(mapping: dict[int, list[str]], num_items: int, source: str = "<
 
 def load_item_attributes(section: DataSection, num_items: int) -> ItemAttributes:
     """The attributes of ``section``'s dataset (module docstring); ConfigError for a dataset without any."""
-    src = Path(section.path) if Path(section.path).is_absolute() else Path(section.root) / section.path
+    src = resolve_source(section)
     folder = src if src.is_dir() else src.parent
     if section.dataset is Dataset.ML_1M:
         path = folder / ml1m.MOVIES_FILE
