@@ -8,7 +8,8 @@ Compared side by side in one run (each row its own model, same batches):
 * hybrid ``(3:1)x4`` (the ``mtfm`` preset) vs the same 16 layers all full;
 * GQA: 1 KV head (``mtfm``) vs as many KV heads as query heads (3);
 * input path: DevicePrefetcher (one merged pinned copy on a side stream, checks on the host, no host
-  sync in the step) vs naive (``.to()`` per tensor, value checks on the device, ``nonzero`` for T rows).
+  sync in the step) vs naive (``.to()`` per tensor, value checks on the device, ``nonzero`` for T rows);
+* a diagnostic: the main row without the relative-bias tables (what the tables cost in the step).
 
 Per row: median step time (CUDA events between steps, after warm-up), samples/s, tokens/s, model TFLOP/s
 (backbone matmul FLOPs of the actual token mix from ``recfm.foundation.model.summary``, x3 for
@@ -175,13 +176,16 @@ class Run:
     full_only: bool = False  # every layer a full layer (same depth)
     mha: bool = False  # as many KV heads as query heads (no GQA)
     prefetch: bool = True  # DevicePrefetcher + no-sync step; False: naive per-tensor copies and device checks
+    tables: str = "both"  # relative-bias tables: both | pos | time | none (a diagnostic of what they cost)
 
 
 def model_config(run: Run, num_groups: int) -> ModelConfig:
     cfg = load_model_config(run.preset)
     b = cfg.backbone
     layer = replace(b.layer, num_groups=num_groups, impl=run.impl,
-                    num_kv_heads=b.layer.num_heads if run.mha else b.layer.num_kv_heads)
+                    num_kv_heads=b.layer.num_heads if run.mha else b.layer.num_kv_heads,
+                    use_pos_bias=b.layer.use_pos_bias and run.tables in ("both", "pos"),
+                    use_time_bias=b.layer.use_time_bias and run.tables in ("both", "time"))
     if run.full_only:
         b = replace(b, num_blocks=b.num_layers, target_layers_per_block=0)
     return replace(cfg, backbone=replace(b, layer=layer))
@@ -306,6 +310,7 @@ def plan(args) -> list[Run]:
     runs = [
         Run(f"{main} auto (prefetch, no sync)", main, "auto", big),
         Run(f"{main} naive input (per-tensor .to, device checks)", main, "auto", big, prefetch=False),
+        Run(f"{main} without bias tables (diagnostic)", main, "auto", big, tables="none"),
         Run(f"{main} auto @B={small}", main, "auto", small),
         Run(f"{main} reference @B={small}", main, "reference", small),
         Run(f"{main} dense attention @B={small}", main, "dense", small),
@@ -332,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--pool", type=int, default=6, help="distinct synthetic batches cycled through")
     p.add_argument("--only", nargs="*", help="keep rows whose name contains one of these words")
-    p.add_argument("--profile", action="store_true", help="torch-profile the timed steps of the first row")
+    p.add_argument("--profile", action="store_true", help="torch-profile the timed steps of every row")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: tiny preset, short samples, 2 steps")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_step.json")
     args = p.parse_args(argv)
@@ -368,10 +373,10 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
 
     rows = []
-    for i, run in enumerate(runs):
+    for run in runs:
         try:
             row = measure(run, pools[run.batch_size], specs, device, args.steps, args.warmup, peak, autocast=cuda,
-                          profile=args.profile and i == 0)
+                          profile=args.profile)
         except Exception as e:  # noqa: BLE001 - one failing row (OOM, missing kernel) must not lose the others
             traceback.print_exc()
             row = dict(name=run.name, run=asdict(run), error=f"{type(e).__name__}: {e}")
@@ -410,6 +415,7 @@ def _ratios(rows: list[dict]) -> dict:
         "hybrid_over_full": ratio("hybrid, 1 KV", "all full layers"),
         "gqa1_over_mha": ratio("hybrid, 1 KV", "KV heads = query heads"),
         "prefetch_nosync_over_naive": ratio("(prefetch, no sync)", "naive input"),
+        "without_tables_over_with": ratio("without bias tables", "(prefetch, no sync)"),
     }
 
 
