@@ -260,7 +260,7 @@ def measure(run: Run, pool: list[Batch], specs, device: torch.device, steps: int
     return row
 
 
-def profile_summary(prof, steps: int, top: int = 25) -> dict:
+def profile_summary(prof, steps: int, top: int = 40) -> dict:
     """Per step: GPU kernel time, kernel launches, and the ``top`` ops by self CUDA time and by self CPU time."""
     events = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -394,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    {ms:9.3f} {calls:6d}  {name}", file=sys.stderr)
 
     ratios = _ratios(rows)
+    if cuda:
+        from recfm.kernels.hstu_attention.triton_launch import tuned_configs
+
+        env["attention_configs"] = tuned_configs()  # what the autotuner picked per kernel and shape class
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(env=env, rows=rows, ratios=ratios), indent=2))
     print(_table(rows, ratios, env))
