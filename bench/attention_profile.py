@@ -21,8 +21,12 @@ INLINE = dict(fwd=(128, 64, 8, 3), dq_inline=(32, 32, 4, 2), dkdv=(32, 128, 8, 3
 INLINE_64 = dict(INLINE, dq_inline=(64, 32, 8, 2))
 D256_OLD = dict(fwd=(128, 64, 8, 2), dq=(64, 64, 8, 2), dkdv=(32, 64, 8, 2))  # d 256 first configs before 52ffb8d
 D256 = dict(fwd=(128, 64, 8, 2), dq=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # d 256 first configs since
+# the medium training step's picks (3 x 256, max_len ~1150: one dQ pass), bench/train_step.py's JSON
+STEP = dict(fwd=(128, 32, 8, 2), dq=(128, 32, 8, 3), dq_inline=(32, 32, 4, 2), dkdv=(32, 64, 8, 2))
+STEP_PLAIN = dict(fwd=(128, 32, 8, 3), dq=(128, 32, 8, 3), dkdv=(32, 64, 8, 3))
+STEP_SPLIT = dict(STEP, dq=(64, 64, 8, 2), band=(32, 32, 4, 2))
 KINDS = ("fwd", "dq", "band", "dkdv")
-ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band)
+ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band[, frozen tables])
     ("no tables, light blocks", "mixed-nobias", LIGHT, True),
     ("position table", "mixed-pos", HEAVY, True),
     ("time table", "mixed-time", HEAVY, True),
@@ -33,11 +37,20 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("target layer, both tables", "targets", HEAVY, True),
     ("2 x 256 causal, dq 64x64, dkdv 32x64", "causal-2x256", D256_OLD, True),
     ("2 x 256 causal, dq 128x32, dkdv 64x64", "causal-2x256", D256, True),
+    # the medium step's attention (use with --length 1024): what each table and its gradient cost there
+    ("step d256: no tables", "medium-nobias", STEP_PLAIN, True),
+    ("step d256: position table", "medium-pos", STEP, False),
+    ("step d256: time table", "medium-time", STEP, False),
+    ("step d256: both tables", "medium", STEP, False),
+    ("step d256: both tables, frozen", "medium", STEP, False, True),
+    ("step d256: both tables, split", "medium", STEP_SPLIT, True),
+    ("step d256: both tables, dQ 64x32", "medium", dict(STEP, dq_inline=(64, 32, 8, 2)), False),
 ]
 
 
-def profile_row(variant: str, pins: dict, steps: int, length: int, tokens: int) -> dict:
-    """Mean CUDA ms per forward+backward of each kernel (``dq_inline`` is reported as ``dq``)."""
+def profile_row(variant: str, pins: dict, steps: int, length: int, tokens: int, frozen: bool = False) -> dict:
+    """Mean CUDA ms per forward+backward of each kernel (``dq_inline`` is reported as ``dq``); ``frozen``:
+    the bias tables take no gradient (the backward adds them to the scores but computes no table gradient)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -46,6 +59,10 @@ def profile_row(variant: str, pins: dict, steps: int, length: int, tokens: int) 
     from recfm.kernels.hstu_attention.triton_launch import pinned
 
     batch, _ = make(variant, length, tokens)
+    if frozen:
+        for name in ("pos_bias", "time_bias"):
+            if name in batch["kw"]:
+                batch["kw"][name] = batch["kw"][name].detach()
     fn = attention_fn("triton", batch)
     q, k, v = (batch[name].detach().clone().requires_grad_() for name in ("q", "k", "v"))
     with pinned(**pins):
@@ -93,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'row':32s} " + " ".join(f"{kind + ' ms':>8s}" for kind in KINDS) + f" {'all ms':>8s} {'check':>8s}")
     from recfm.kernels.hstu_attention import triton_launch
 
-    for label, variant, pins, split in ROWS:
+    for label, variant, pins, split, *frozen in ROWS:
         if args.rows and not any(label == word[1:] if word.startswith("=") else word in label for word in args.rows):
             continue
         triton_launch.SPLIT_FROM_LEN = 0 if split else 1 << 30  # both the profile and the check follow the row
-        kernels = profile_row(variant, pins, args.steps, args.length, args.tokens)
+        kernels = profile_row(variant, pins, args.steps, args.length, args.tokens, bool(frozen and frozen[0]))
         check = check_row(variant, pins)
-        rows.append(dict(row=label, variant=variant, pinned=pins, split=split, kernels_ms=kernels, check=check))
+        rows.append(dict(row=label, variant=variant, pinned=pins, split=split, frozen=bool(frozen and frozen[0]),
+                         kernels_ms=kernels, check=check))
         ms = [kernels.get(f"hstu_{'band_grad' if kind == 'band' else kind}_kernel", 0.0) for kind in KINDS]
         total = sum(kernels.values())
         print(f"{label:32s} " + " ".join(f"{t:8.3f}" for t in ms) + f" {total:8.3f} {check:8.1e}", flush=True)

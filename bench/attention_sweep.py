@@ -34,6 +34,9 @@ VARIANTS = {  # name: (h, h_kv, d, mask, bias tables kept: "pos,time" | "pos" | 
     "targets": (4, 4, 128, "targets", "pos,time"),
     "targets-nobias": (4, 4, 128, "targets", ""),
     "medium": (3, 3, 256, "mixed", "pos,time"),  # the medium preset's attention (3 heads x 256, bias tables)
+    "medium-nobias": (3, 3, 256, "mixed", ""),
+    "medium-pos": (3, 3, 256, "mixed", "pos"),
+    "medium-time": (3, 3, 256, "mixed", "time"),
     "causal-2x256": (2, 2, 256, "causal", ""),  # the d 256 head size without tables
 }
 LIGHT = {  # no bias tables
