@@ -27,10 +27,11 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 from recfm.errors import RecfmError  # noqa: E402
 from recfm.foundation.model.bias import time_bucket_boundaries, time_buckets  # noqa: E402
 from recfm.kernels.hstu_attention import hstu_attention  # noqa: E402
-from recfm.kernels.hstu_attention.triton_common import tile_span, time_bucket  # noqa: E402
+from recfm.kernels.hstu_attention.triton_common import tile_ident, tile_span, time_bucket  # noqa: E402
 from recfm.kernels.hstu_attention import triton_impl, triton_launch  # noqa: E402
 from recfm.kernels.hstu_attention.triton_launch import _interpreter_index_fix, interpreting  # noqa: E402
 from recfm.foundation.model.mask import allowed  # noqa: E402
+from recfm.kernels.hstu_attention import triton_meta  # noqa: E402
 from recfm.kernels.hstu_attention.triton_meta import chunk_extremes, visibility_codes  # noqa: E402
 
 tl = triton.language
@@ -211,6 +212,37 @@ def test_time_table_by_lanes_or_loads(lanes, dtype, monkeypatch):
     assert_close_rel(got, forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[dtype])
 
 
+@pytest.mark.parametrize("mode", ["causal", "mixed"])
+def test_toeplitz_position_tiles(mode, monkeypatch):
+    # tiles whose rows and columns sit at their own event positions read the position bias from the
+    # Toeplitz layout built per call (triton_meta.toeplitz_tables): it matches the reference, the layout is
+    # really read (corrupting it changes the result), and turning it off gives the per-score loads' result
+    q, k, v, offsets, types, stamps = tile_path_batch()
+    kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
+              time_bucket_base=2.0)
+    tabs = (table(2, 9, 47), table(2, 32, 48))
+    want = forward_backward("reference", q, k, v, offsets, *tabs, **kw)
+    got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    assert_close_rel(got, want, TOL[torch.float32])
+    layout = triton_meta.toeplitz_tables(tabs[0].detach())
+    assert layout.shape == (2, triton_meta.toeplitz_width(4))
+    assert torch.equal(layout[:, :9], tabs[0].detach())
+    real = triton_impl.toeplitz_tables
+    monkeypatch.setattr(triton_impl, "toeplitz_tables", lambda t: _corrupt(real(t)))
+    bad = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    assert (bad[0] - want[0]).norm() > 0.1 * want[0].norm()
+    monkeypatch.setattr(triton_impl, "toeplitz_tables", real)
+    monkeypatch.setattr(triton_impl, "TOEP_MAX_HALF", -1)  # every tile gathers per score
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
+
+
+def _corrupt(layout: torch.Tensor) -> torch.Tensor:
+    """The Toeplitz part of a position-table layout shifted by one: wrong wherever a kernel reads it."""
+    layout = layout.clone()
+    layout[:, 64:] += 1.0
+    return layout
+
+
 @pytest.mark.parametrize("grid", [None, 16])
 def test_position_gradient_of_target_rows(grid, monkeypatch):
     # target-only query rows (a target layer) in time order share or step through event positions: the
@@ -349,36 +381,46 @@ def _span_kernel(EXT, CH, STARTS, OUT, BLOCK: tl.constexpr):
     i = tl.program_id(1)
     start = tl.load(STARTS + i)
     lo_p, hi_p, lo_s, hi_s = tile_span(EXT, tl.load(CH + b), tl.load(CH + b + 1), start, BLOCK, True, True)
-    row = OUT + (b * tl.num_programs(1) + i) * 4
+    row = OUT + (b * tl.num_programs(1) + i) * 5
     tl.store(row, lo_p)
     tl.store(row + 1, hi_p)
     tl.store(row + 2, lo_s)
     tl.store(row + 3, hi_s)
+    tl.store(row + 4, tile_ident(EXT, tl.load(CH + b), tl.load(CH + b + 1), start, BLOCK))
 
 
 @pytest.mark.parametrize("block", [16, 32, 64])
 def test_tile_span_reads_the_extremes_of_the_tiles_rows(block):
     # the kernels' tile spans (chunk extremes combined over BLOCK / 16 chunks, rows past the sample end
-    # left out) equal min/max over the tile's rows
+    # left out) equal min/max over the tile's rows, and the identity flag (every row at its own position:
+    # the Toeplitz position bias) holds exactly when it does for every row of the tile
     if interpreting():
         _interpreter_index_fix()
     gen = torch.Generator().manual_seed(7)
     lengths = [70, 16, 1, 129, 33]
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     n = sum(lengths)
-    pos = torch.randint(0, 500, (n,), generator=gen, dtype=torch.int32)
+    local = torch.cat([torch.arange(length, dtype=torch.int32) for length in lengths])
+    pos = torch.where(torch.rand(n, generator=gen) < 0.02, torch.randint(0, 500, (n,), generator=gen,
+                                                                         dtype=torch.int32), local)
     sec = torch.randint(0, 2**31 - 2, (n,), generator=gen, dtype=torch.int32)
     ext, chunks = chunk_extremes(offsets.to(DEVICE), pos.to(DEVICE), sec.to(DEVICE), n)
     starts = torch.arange(0, max(lengths), block, dtype=torch.int32)
-    out = torch.zeros(len(lengths), starts.numel(), 4, dtype=torch.int32, device=DEVICE)
+    out = torch.zeros(len(lengths), starts.numel(), 5, dtype=torch.int32, device=DEVICE)
     _span_kernel[(len(lengths), starts.numel())](ext, chunks, starts.to(DEVICE), out, BLOCK=block)
+    seen = set()
     for b, length in enumerate(lengths):
         for i, start in enumerate(starts.tolist()):
             if start >= length:
                 continue
             rows = slice(offsets[b] + start, offsets[b] + min(start + block, length))
-            want = [pos[rows].min(), pos[rows].max(), sec[rows].min(), sec[rows].max()]
+            ident = bool((pos[rows] == local[rows]).all())
+            want = [pos[rows].min(), pos[rows].max(), sec[rows].min(), sec[rows].max(), ident]
             assert out[b, i].tolist() == [int(x) for x in want], (b, start)
+            seen.add(ident)
+    assert seen == {True, False}  # both kinds of tile occur
+    no_ident, _ = chunk_extremes(offsets.to(DEVICE), local.to(DEVICE), sec.to(DEVICE), n, identity=False)
+    assert not no_ident[:, 4].any()  # target-only query rows never take the Toeplitz path
 
 
 def test_dense_matches_reference():

@@ -33,6 +33,8 @@ TIME_CAP: tl.constexpr = tl.constexpr(2**62)  # bias.time_bucket_boundaries caps
 FAR: tl.constexpr = tl.constexpr(1 << 30)  # "no such position" in min/max reductions
 INT_MAX: tl.constexpr = tl.constexpr(2**31 - 1)
 CHUNK: tl.constexpr = tl.constexpr(16)  # triton_meta.CHUNK
+EXT_COLS: tl.constexpr = tl.constexpr(5)  # triton_meta.EXT_COLS: pos lo, pos hi, second lo, second hi, identity
+TOEP_W: tl.constexpr = tl.constexpr(128)  # triton_meta.TOEP_W: columns of the Toeplitz position tables
 
 
 def _lane_asm(size: int, read: str) -> tl.constexpr:
@@ -135,14 +137,14 @@ def tile_span(EXT, c_first, c_end, start, BLOCK: tl.constexpr, HAS_POS: tl.const
     sec_lo = 0
     sec_hi = 0
     if HAS_POS:
-        pos_lo = tl.load(EXT + c0 * 4)
-        pos_hi = tl.load(EXT + c0 * 4 + 1)
+        pos_lo = tl.load(EXT + c0 * EXT_COLS)
+        pos_hi = tl.load(EXT + c0 * EXT_COLS + 1)
     if HAS_TIME:
-        sec_lo = tl.load(EXT + c0 * 4 + 2)
-        sec_hi = tl.load(EXT + c0 * 4 + 3)
+        sec_lo = tl.load(EXT + c0 * EXT_COLS + 2)
+        sec_hi = tl.load(EXT + c0 * EXT_COLS + 3)
     for c in tl.static_range(1, BLOCK // CHUNK):
         ok = c0 + c < c_end
-        row = EXT + (c0 + c) * 4
+        row = EXT + (c0 + c) * EXT_COLS
         if HAS_POS:
             pos_lo = tl.minimum(pos_lo, tl.load(row, mask=ok, other=INT_MAX))
             pos_hi = tl.maximum(pos_hi, tl.load(row + 1, mask=ok, other=-1))
@@ -150,6 +152,50 @@ def tile_span(EXT, c_first, c_end, start, BLOCK: tl.constexpr, HAS_POS: tl.const
             sec_lo = tl.minimum(sec_lo, tl.load(row + 2, mask=ok, other=INT_MAX))
             sec_hi = tl.maximum(sec_hi, tl.load(row + 3, mask=ok, other=-1))
     return pos_lo, pos_hi, sec_lo, sec_hi
+
+
+@triton.jit
+def tile_ident(EXT, c_first, c_end, start, BLOCK: tl.constexpr):
+    """1 when every row ``start + [0, BLOCK)`` of a sample (rows past its end aside) has its event position
+    equal to its index in the sample (:func:`.triton_meta.chunk_extremes`, column 4), else 0: the tile's
+    position buckets are a Toeplitz band (:func:`toeplitz_tile`)."""
+    c0 = c_first + start // CHUNK
+    ident = tl.load(EXT + c0 * EXT_COLS + 4)
+    for c in tl.static_range(1, BLOCK // CHUNK):
+        ident = tl.minimum(ident, tl.load(EXT + (c0 + c) * EXT_COLS + 4, mask=c0 + c < c_end, other=1))
+    return ident
+
+
+@triton.jit
+def toeplitz_tile(PTAB, P_HALF, x0, KEY_ROWS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """The position bias of a ``[R, C]`` tile whose query and key rows sit at their own indices in the sample
+    (:func:`tile_ident`), as one 2D block load (fp32): ``bias = pos_table[clamp(i - j, -P, P) + P]`` is a
+    Toeplitz band, so the launcher lays it out once per call as ``[X, TOEP_W]`` matrices after the table
+    (:func:`.triton_meta.toeplitz_tables`) and the tile is ``R`` consecutive rows of one of them: contiguous
+    vector loads instead of a gather, a clamp and an address per score.
+
+    ``x0``: ``i0 - j0 + P + 2 * TOEP_W`` for a query-major tile (rows: queries from ``i0``, columns: keys from
+    ``j0``), ``j0 - i0 + P + 2 * TOEP_W`` for a key-major one (``KEY_ROWS``, the dK/dV kernel); clamped here
+    (tiles beyond the table rows lie entirely past the clamp, which the clamped rows reproduce)."""
+    TP = tl.multiple_of((2 * P_HALF + 64) // 64 * 64, 64)
+    X = 2 * P_HALF + 4 * TOEP_W
+    base = PTAB + TP
+    if KEY_ROWS:
+        base += X * TOEP_W
+    x = tl.minimum(tl.maximum(x0, 0), X - TOEP_W)
+    offs = (x + tl.arange(0, R))[:, None] * TOEP_W + tl.arange(0, C)[None, :]
+    return tl.load(base + offs).to(tl.float32)
+
+
+@triton.jit
+def toeplitz_args(qid, kid, start_q, start_k, P_HALF, KEY_ROWS: tl.constexpr):
+    """``(toep, x0)`` of :func:`add_bias` for a tile of queries from ``start_q`` and keys from ``start_k`` (both
+    sample-local) with identity flags ``qid``, ``kid`` (:func:`tile_ident`)."""
+    if KEY_ROWS:
+        x0 = start_k - start_q + P_HALF + 2 * TOEP_W
+    else:
+        x0 = start_q - start_k + P_HALF + 2 * TOEP_W
+    return (qid & kid) != 0, x0
 
 
 @triton.jit
@@ -185,7 +231,8 @@ def spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS: tl.constexpr, HAS_TIME: 
 
 @triton.jit
 def add_bias(s, ev_q, ev_k, tt_q, tt_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
-             HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, TB_LANES: tl.constexpr):
+             HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, TB_LANES: tl.constexpr, toep, x0, KEY_ROWS: tl.constexpr,
+             TOEP: tl.constexpr):
     """``s + pos_table[bucket] + time_table[bucket]`` (table pointers already at the head's row).
 
     ``[d_lo, d_hi]`` spans ``ev_q - ev_k`` over the tile and ``[b_lo, b_hi]`` its time buckets
@@ -194,7 +241,10 @@ def add_bias(s, ev_q, ev_k, tt_q, tt_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND
     between two scalars by one comparison, with no per-score table read. Other tiles compute both buckets
     per score and read the position table per score; the time table too, unless ``TB_LANES`` (a GPU and a
     time table of at most 32 entries): then :func:`lane_lookup` takes each entry from a warp lane's register
-    by one shuffle, with no per-score memory access.
+    by one shuffle, with no per-score memory access. With ``TOEP`` (the launcher built the Toeplitz position
+    tables) a tile whose rows and columns all sit at their own event positions (``toep``, from
+    :func:`tile_ident`: histories and real-time runs of the batch layout) loads its position bias as one block
+    (:func:`toeplitz_tile`, row offset ``x0``; ``KEY_ROWS``: the tile is key-major).
     """
     if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
         base = 0.0
@@ -213,7 +263,13 @@ def add_bias(s, ev_q, ev_k, tt_q, tt_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND
             s += base
     else:
         if HAS_POS:
-            s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
+            if TOEP:
+                if toep:
+                    s += toeplitz_tile(PTAB, P_HALF, x0, KEY_ROWS, s.shape[0], s.shape[1])
+                else:
+                    s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
+            else:
+                s += tl.load(PTAB + pos_bucket(ev_q, ev_k, P_HALF)).to(tl.float32)
         if HAS_TIME:
             bucket = time_bucket(tt_q, tt_k, TBND, NUM_TB, inv_log2_base)
             if TB_LANES:

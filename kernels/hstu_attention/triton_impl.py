@@ -25,7 +25,7 @@ from recfm.foundation.model.mask import MaskMode
 from recfm.kernels.hstu_attention.reference import Normaliser
 from recfm.kernels.hstu_attention import triton_launch
 from recfm.kernels.hstu_attention.triton_launch import interpreting, launch
-from recfm.kernels.hstu_attention.triton_meta import token_metadata
+from recfm.kernels.hstu_attention.triton_meta import TOEP_MAX_HALF, toeplitz_tables, toeplitz_width, token_metadata
 
 _MODES = {MaskMode.FULL: 0, MaskMode.CAUSAL: 1, MaskMode.MIXED: 2}
 _NORMS = {Normaliser.LENGTH: 0, Normaliser.KEYS: 1, Normaliser.MAX_LEN: 2, Normaliser.NONE: 2}
@@ -77,6 +77,7 @@ class _Plan:
             HAS_TIME=time_bias is not None, DOT_PREC=_dot_precision(q.dtype),
             FAST=q.dtype != torch.float32 and not interpreting(),
             TB_LANES=lanes_hold_time_table(num_tb),
+            TOEP=pos_bias is not None and query_index is None and half <= TOEP_MAX_HALF,
             BLOCK_DQK=max(16, triton.next_power_of_2(self.d_qk)),
             BLOCK_DV=max(16, triton.next_power_of_2(self.d_v)),
         )
@@ -86,15 +87,23 @@ class _Plan:
         # shared memory, which made every bias table cost ~5x the attention itself (H100, docs/kernels.md)
         self.table_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
+    def pos_width(self) -> int:
+        """Columns per head of the position table as the kernels read it (and of its gradient buffer): the
+        table, then its Toeplitz layout when ``TOEP`` (:func:`.triton_meta.toeplitz_tables`)."""
+        half = (self.pos_shape[1] - 1) // 2
+        return toeplitz_width(half) if self.meta["TOEP"] else self.pos_shape[1]
+
     def table_strides(self, pos_bias, time_bias) -> tuple[int, int]:
         """Row stride of each table for query head g (0 when one row is shared by all heads)."""
-        def stride(t):
-            return 0 if t is None or t.shape[0] == 1 else t.shape[1]
-        return stride(pos_bias), stride(time_bias)
+        pos = 0 if pos_bias is None or pos_bias.shape[0] == 1 else self.pos_width()
+        time = 0 if time_bias is None or time_bias.shape[0] == 1 else time_bias.shape[1]
+        return pos, time
 
     def tail(self, invn: torch.Tensor, pos_bias, time_bias) -> tuple:
         """Arguments shared by the three kernels after the tensors they differ in."""
         ptab = pos_bias.to(self.table_dtype).contiguous() if pos_bias is not None else self.dummy_f
+        if pos_bias is not None and self.meta["TOEP"]:
+            ptab = toeplitz_tables(ptab)
         ttab = time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f
         t = self.tokens
         return (t.offsets, t.qoff, t.qtok, t.token_type, t.vis, t.seconds, t.positions, ptab, ttab, t.bounds,
@@ -124,8 +133,8 @@ class _HSTUAttention(torch.autograd.Function):
         do = (grad_out[plan.order] if plan.order is not None else grad_out).contiguous()
         dq = torch.zeros_like(q_sorted)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        dpos = (torch.zeros(plan.pos_shape, dtype=torch.float32, device=q_sorted.device) if plan.pos_shape
-                else plan.dummy_f)
+        dpos = (torch.zeros(plan.pos_shape[0], plan.pos_width(), dtype=torch.float32, device=q_sorted.device)
+                if plan.pos_shape else plan.dummy_f)  # laid out like the table the kernels read
         dtime = (torch.zeros(plan.time_shape, dtype=torch.float32, device=q_sorted.device) if plan.time_shape
                  else plan.dummy_f.clone())
         if q_sorted.shape[0] and plan.num_samples:
@@ -142,7 +151,8 @@ class _HSTUAttention(torch.autograd.Function):
             launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.meta, **grads})
             if split:  # the table gradients of the cells dq leaves out
                 launch("band", plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.meta, **grads})
-        grad_pos = dpos.to(pos_bias.dtype) if pos_bias is not None and ctx.needs_input_grad[3] else None
+        grad_pos = (dpos[:, :plan.pos_shape[1]].to(pos_bias.dtype) if pos_bias is not None and ctx.needs_input_grad[3]
+                    else None)
         grad_time = dtime.to(time_bias.dtype) if time_bias is not None and ctx.needs_input_grad[4] else None
         return _unsort(dq, plan.order), dk, dv, grad_pos, grad_time, None
 

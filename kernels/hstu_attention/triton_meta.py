@@ -17,13 +17,15 @@ Contents (all int32 unless said, ``N`` tokens, ``B`` samples):
 * ``positions``: event positions (``bias.event_positions``) for the position bias;
 * ``bounds``: time-bucket boundaries (``bias.time_bucket_boundaries``) clamped to ``2^31 - 1``;
 * ``kext``, ``kchunks`` / ``qext``, ``qchunks``: per chunk of ``CHUNK`` consecutive keys (queries) of a sample,
-  the lowest and highest event position and relative second (``[chunks, 4]``: pos lo, pos hi, seconds lo,
-  seconds hi), and each sample's first chunk ``[B+1]``: a kernel reads a tile's span of position and time
-  gaps from a few scalars (:func:`.triton_common.tile_span`) instead of reducing across its warps.
+  the lowest and highest event position and relative second (``[chunks, 5]``: pos lo, pos hi, seconds lo,
+  seconds hi, and whether every row sits at its own index), and each sample's first chunk ``[B+1]``: a kernel
+  reads a tile's span of position and time gaps from a few scalars (:func:`.triton_common.tile_span`) instead
+  of reducing across its warps, and whether its position bias is a Toeplitz band (``tile_ident``).
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -34,6 +36,9 @@ from recfm.foundation.model.mask import MaskMode
 
 INT32_SPAN = 2**31 - 2  # relative seconds are clamped here; boundaries at 2**31 - 1
 CHUNK = 16  # rows per chunk of the tile-span extremes (every kernel block is a multiple of it)
+EXT_COLS = 5  # chunk extremes: pos lo, pos hi, second lo, second hi, identity (triton_common.EXT_COLS)
+TOEP_W = 128  # columns of the Toeplitz position tables: at least every kernel block (triton_common.TOEP_W)
+TOEP_MAX_HALF = 2048  # position tables up to 2 * 2048 + 1 buckets get the Toeplitz layout (2 x 4608 x 128 per head)
 
 
 def mixed_stats(offsets: torch.Tensor, token_type: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -82,10 +87,12 @@ def relative_seconds(offsets: torch.Tensor, timestamps: torch.Tensor, num_tokens
 
 
 def chunk_extremes(offsets: torch.Tensor, positions: torch.Tensor, seconds: torch.Tensor,
-                   num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per chunk of ``CHUNK`` rows of each sample (rows grouped by sample, ``offsets [B+1]``): ``[chunks, 4]``
-    int32 (lowest, highest position; lowest, highest second) and the first chunk of each sample ``[B+1]``
-    int32. Sized from host integers (``num_rows // CHUNK + B + 1`` rows, unused ones never read)."""
+                   num_rows: int, identity: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per chunk of ``CHUNK`` rows of each sample (rows grouped by sample, ``offsets [B+1]``): ``[chunks, 5]``
+    int32 (lowest, highest position; lowest, highest second; 1 when every row's position equals its index in
+    the sample, else 0 -- always 0 without ``identity``, e.g. for target-only query rows) and the first chunk
+    of each sample ``[B+1]`` int32. Sized from host integers (``num_rows // CHUNK + B + 1`` rows, unused ones
+    never read)."""
     num_samples = offsets.numel() - 1
     lengths = offsets[1:] - offsets[:-1]
     first = torch.zeros(num_samples + 1, dtype=torch.int64, device=offsets.device)
@@ -99,7 +106,40 @@ def chunk_extremes(offsets: torch.Tensor, positions: torch.Tensor, seconds: torc
         values = values.to(torch.int32)
         cols.append(values.new_full((size,), 2**31 - 1).scatter_reduce_(0, chunk, values, "amin"))
         cols.append(values.new_full((size,), -1).scatter_reduce_(0, chunk, values, "amax"))
+    if identity:
+        ident = (positions == local).to(torch.int32)
+        cols.append(ident.new_ones(size).scatter_reduce_(0, chunk, ident, "amin"))
+    else:
+        cols.append(cols[0].new_zeros(size))
     return torch.stack(cols, 1).contiguous(), first.to(torch.int32)
+
+
+def toeplitz_width(half: int) -> int:
+    """Columns of the position table plus its Toeplitz layout (:func:`toeplitz_tables`) for ``P = half``."""
+    return (2 * half + 64) // 64 * 64 + 2 * (2 * half + 4 * TOEP_W) * TOEP_W
+
+
+@functools.lru_cache(maxsize=8)
+def _toeplitz_index(half: int, device: torch.device) -> torch.Tensor:
+    rows = 2 * half + 4 * TOEP_W
+    x = torch.arange(rows, device=device)[:, None]
+    c = torch.arange(TOEP_W, device=device)[None, :]
+    query_rows = (x - c - (half + 2 * TOEP_W)).clamp(-half, half) + half  # [x, c]: i - j = x - c - OFF
+    key_rows = (c - x + (half + 2 * TOEP_W)).clamp(-half, half) + half  # [y, c]: i - j = c - y + OFF
+    return torch.cat([query_rows.flatten(), key_rows.flatten()])
+
+
+def toeplitz_tables(table: torch.Tensor) -> torch.Tensor:
+    """``[rows, toeplitz_width(P)]``: each row of the position table ``[rows, 2P + 1]`` padded to a multiple of
+    64 columns, then two ``[2P + 4 W, W]`` matrices (``W = TOEP_W``) read by
+    :func:`.triton_common.toeplitz_tile`: ``M[x, c] = table[clamp(x - c - OFF) + P]`` for query-major tiles and
+    ``MT[y, c] = table[clamp(c - y + OFF) + P]`` for key-major ones, ``OFF = P + 2 W``. A tile of queries from
+    ``i0`` and keys from ``j0`` (both at their own event positions) is rows ``i0 - j0 + OFF ..`` of ``M``. One
+    gather per call (per head: ~0.5 MB in bf16 at P = 256), the same for every tile of the call."""
+    half = (table.shape[1] - 1) // 2
+    pad = (2 * half + 64) // 64 * 64 - table.shape[1]
+    index = _toeplitz_index(half, table.device)
+    return torch.cat([table, table.new_zeros(table.shape[0], pad), table[:, index]], 1).contiguous()
 
 
 @dataclass(frozen=True)
@@ -144,7 +184,7 @@ def _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_tim
         sec_all = seconds if num_time_buckets else torch.zeros(num_tokens, dtype=torch.int32, device=device)
         kext, kchunks = qext, qchunks = chunk_extremes(offsets, pos_all, sec_all, num_tokens)
         if query_index is not None:
-            qext, qchunks = chunk_extremes(qoff, pos_all[qtok], sec_all[qtok], qtok.numel())
+            qext, qchunks = chunk_extremes(qoff, pos_all[qtok], sec_all[qtok], qtok.numel(), identity=False)
     return TokenMeta(
         offsets=offsets, qtok=qtok, order=order, qoff=qoff,
         token_type=token_type.contiguous() if mixed else i64,
