@@ -212,11 +212,15 @@ def test_time_table_by_lanes_or_loads(lanes, dtype, monkeypatch):
     assert_close_rel(got, forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[dtype])
 
 
+@pytest.mark.parametrize("kinds", ["shipped", "every kernel"])
 @pytest.mark.parametrize("mode", ["causal", "mixed"])
-def test_toeplitz_position_tiles(mode, monkeypatch):
+def test_toeplitz_position_tiles(mode, kinds, monkeypatch):
     # tiles whose rows and columns sit at their own event positions read the position bias from the
-    # Toeplitz layout built per call (triton_meta.toeplitz_tables): it matches the reference, the layout is
-    # really read (corrupting it changes the result), and turning it off gives the per-score loads' result
+    # Toeplitz layout built per call (triton_meta.toeplitz_tables), in the kernels of TOEP_KINDS (or in every
+    # kernel: the code path all of them carry): it matches the reference, the layout is really read
+    # (corrupting it changes the result), and turning it off gives the per-score loads' result
+    if kinds == "every kernel":
+        monkeypatch.setattr(triton_impl, "TOEP_KINDS", ("fwd", "dq", "dq_inline", "band", "dkdv"))
     q, k, v, offsets, types, stamps = tile_path_batch()
     kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
               time_bucket_base=2.0)
@@ -230,7 +234,9 @@ def test_toeplitz_position_tiles(mode, monkeypatch):
     real = triton_impl.toeplitz_tables
     monkeypatch.setattr(triton_impl, "toeplitz_tables", lambda t: _corrupt(real(t)))
     bad = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
-    assert (bad[0] - want[0]).norm() > 0.1 * want[0].norm()
+    for name in ["dK", *(["output", "dQ"] if kinds == "every kernel" else [])]:
+        i = {"output": 0, "dQ": 1, "dK": 2}[name]
+        assert (bad[i] - want[i]).norm() > 0.1 * want[i].norm(), name
     monkeypatch.setattr(triton_impl, "toeplitz_tables", real)
     monkeypatch.setattr(triton_impl, "TOEP_MAX_HALF", -1)  # every tile gathers per score
     assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)

@@ -40,6 +40,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "upcast" if dtype == torch.bfloat16 and interpreting() else "tf32"
 
 
+# kernels that read Toeplitz position tiles (triton_common.toeplitz_tile); measured on an H100 (docs/benchmarks.md):
+# the dK/dV kernel gains, the forward and dQ kernels lose (their tiles' layout conversion costs more than the gather)
+TOEP_KINDS = ("dkdv",)
 LANE_TABLE_MAX = 32  # time tables up to this size are read by warp shuffles (triton_common.lane_lookup)
 
 
@@ -77,21 +80,26 @@ class _Plan:
             HAS_TIME=time_bias is not None, DOT_PREC=_dot_precision(q.dtype),
             FAST=q.dtype != torch.float32 and not interpreting(),
             TB_LANES=lanes_hold_time_table(num_tb),
-            TOEP=pos_bias is not None and query_index is None and half <= TOEP_MAX_HALF,
+            TOEP=False,  # per kernel: TOEP_KINDS
             BLOCK_DQK=max(16, triton.next_power_of_2(self.d_qk)),
             BLOCK_DV=max(16, triton.next_power_of_2(self.d_v)),
         )
+        self.toep = pos_bias is not None and query_index is None and half <= TOEP_MAX_HALF
         self.keys_norm = norm is Normaliser.KEYS
         # 16-bit inputs read the bias tables in their dtype: a 2-byte gather is a plain cached load, while a
         # 4-byte one is turned by Triton's software pipeliner into per-element asynchronous copies through
         # shared memory, which made every bias table cost ~5x the attention itself (H100, docs/kernels.md)
         self.table_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
+    def kernel_meta(self, kind: str) -> dict:
+        """The compile-time flags of kernel ``kind``: ``TOEP`` only where :data:`TOEP_KINDS` has it."""
+        return {**self.meta, "TOEP": self.toep and kind in TOEP_KINDS}
+
     def pos_width(self) -> int:
         """Columns per head of the position table as the kernels read it (and of its gradient buffer): the
         table, then its Toeplitz layout when ``TOEP`` (:func:`.triton_meta.toeplitz_tables`)."""
         half = (self.pos_shape[1] - 1) // 2
-        return toeplitz_width(half) if self.meta["TOEP"] else self.pos_shape[1]
+        return toeplitz_width(half) if self.toep else self.pos_shape[1]
 
     def table_strides(self, pos_bias, time_bias) -> tuple[int, int]:
         """Row stride of each table for query head g (0 when one row is shared by all heads)."""
@@ -102,7 +110,7 @@ class _Plan:
     def tail(self, invn: torch.Tensor, pos_bias, time_bias) -> tuple:
         """Arguments shared by the three kernels after the tensors they differ in."""
         ptab = pos_bias.to(self.table_dtype).contiguous() if pos_bias is not None else self.dummy_f
-        if pos_bias is not None and self.meta["TOEP"]:
+        if pos_bias is not None and self.toep:
             ptab = toeplitz_tables(ptab)
         ttab = time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f
         t = self.tokens
@@ -120,7 +128,7 @@ class _HSTUAttention(torch.autograd.Function):
         invn = (torch.empty(q.shape[0], dtype=torch.float32, device=q.device) if plan.keys_norm else plan.dummy_f)
         if q.shape[0] and plan.num_samples:
             launch("fwd", plan.max_len, plan.num_samples, plan.num_heads,
-                   (q_sorted, k, v, out, *plan.tail(invn, pos_bias, time_bias)), plan.meta)
+                   (q_sorted, k, v, out, *plan.tail(invn, pos_bias, time_bias)), plan.kernel_meta("fwd"))
         ctx.save_for_backward(q_sorted, k, v, pos_bias, time_bias, invn)
         ctx.plan = plan
         return _unsort(out, plan.order)
@@ -140,7 +148,7 @@ class _HSTUAttention(torch.autograd.Function):
         if q_sorted.shape[0] and plan.num_samples:
             tail = plan.tail(invn, pos_bias, time_bias)
             launch("dkdv", plan.max_len, plan.num_samples, plan.num_heads // plan.group,
-                   (q_sorted, k, v, do, dk, dv, *tail), plan.meta)
+                   (q_sorted, k, v, do, dk, dv, *tail), plan.kernel_meta("dkdv"))
             grads = dict(POS_GRAD=pos_bias is not None and ctx.needs_input_grad[3],
                          TIME_GRAD=time_bias is not None and ctx.needs_input_grad[4],
                          TB_PAD=triton.next_power_of_2(plan.time_shape[1]) if plan.time_shape else 1)
@@ -148,9 +156,10 @@ class _HSTUAttention(torch.autograd.Function):
             table_grads = grads["POS_GRAD"] or grads["TIME_GRAD"]
             split = table_grads and plan.max_len >= triton_launch.SPLIT_FROM_LEN
             kind = "dq_inline" if table_grads and not split else "dq"
-            launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.meta, **grads})
+            launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.kernel_meta(kind), **grads})
             if split:  # the table gradients of the cells dq leaves out
-                launch("band", plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.meta, **grads})
+                launch("band", plan.max_len, plan.num_samples, plan.num_heads, args,
+                       {**plan.kernel_meta("band"), **grads})
         grad_pos = (dpos[:, :plan.pos_shape[1]].to(pos_bias.dtype) if pos_bias is not None and ctx.needs_input_grad[3]
                     else None)
         grad_time = dtime.to(time_bias.dtype) if time_bias is not None and ctx.needs_input_grad[4] else None
