@@ -18,8 +18,9 @@ With a ``gate`` (HSTU's ``GLN(O) * U``) the forward multiplies by it before the 
 first forms ``dgate = dy * GLN(x)`` and ``dy <- dy * gate``: the normalised tensor is never written to
 memory nor kept for the backward.
 
-Program ``p`` is the only writer of ``partial[p]`` (no atomics, deterministic); a group absent from a
-tile is skipped, so a tile costs one partial update per group it holds. ``partial.sum(0)`` gives the
+Program ``p`` is the only writer of ``partial[p]`` (no atomics, deterministic); a tile visits the groups
+between the least and the greatest of its rows (one for most tiles), so it costs one partial update per
+group in that range. ``partial.sum(0)`` gives the
 ``[G, d]`` gradients. No host synchronisation anywhere (grid sizes come from host-side shapes).
 """
 
@@ -28,6 +29,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from recfm.kernels.interpreter import index_fix
 
 
 @triton.jit
@@ -101,16 +104,19 @@ def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, n_
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
         dw_rows = dy * xhat
-        for gg in range(0, N_GROUPS):
+        # the groups of the tile's valid rows lie in [g_lo, g_hi]: one pass per group in that range (most
+        # tiles hold one group), instead of a presence test per group of the model
+        g_lo = tl.min(tl.where(row_ok, g, N_GROUPS), 0)
+        g_hi = tl.max(g, 0)
+        for gg in range(g_lo, g_hi + 1):
             sel = g == gg
-            if tl.reduce(sel.to(tl.int32), 0, _add) > 0:
-                pw = PART_W + part + gg * d + cols
-                tl.store(pw, tl.load(pw, mask=col_ok, other=0.0)
-                         + tl.reduce(tl.where(sel[:, None], dw_rows, 0.0), 0, _add), mask=col_ok)
-                if HAS_BIAS:
-                    pb = PART_B + part + gg * d + cols
-                    tl.store(pb, tl.load(pb, mask=col_ok, other=0.0)
-                             + tl.reduce(tl.where(sel[:, None], dy, 0.0), 0, _add), mask=col_ok)
+            pw = PART_W + part + gg * d + cols
+            tl.store(pw, tl.load(pw, mask=col_ok, other=0.0)
+                     + tl.reduce(tl.where(sel[:, None], dw_rows, 0.0), 0, _add), mask=col_ok)
+            if HAS_BIAS:
+                pb = PART_B + part + gg * d + cols
+                tl.store(pb, tl.load(pb, mask=col_ok, other=0.0)
+                         + tl.reduce(tl.where(sel[:, None], dy, 0.0), 0, _add), mask=col_ok)
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
@@ -163,6 +169,7 @@ class _GroupLayerNorm(torch.autograd.Function):
         part_w = torch.zeros(programs, n_groups, d, dtype=torch.float32, device=x.device)
         part_b = torch.zeros_like(part_w) if bias is not None else part_w
         if n:
+            index_fix()  # the tile's group range bounds a loop
             _gln_bwd[(programs,)](
                 x, group, weight, _or(bias, weight), _or(gate, x), dy, mean, rstd, dx, _or(dgate, dx),
                 part_w, part_b, n, d, N_GROUPS=n_groups, TILES=tiles, HAS_BIAS=bias is not None,

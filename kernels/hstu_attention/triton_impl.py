@@ -44,6 +44,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # the dK/dV kernel gains, the forward and dQ kernels lose (their tiles' layout conversion costs more than the gather)
 TOEP_KINDS = ("dkdv",)
 LANE_TABLE_MAX = 32  # time tables up to this size are read by warp shuffles (triton_common.lane_lookup)
+LANE_KINDS = ("fwd", "dq", "dq_inline", "band", "dkdv")  # kernels that do so
 
 
 def lanes_hold_time_table(num_tb: int) -> bool:
@@ -92,8 +93,10 @@ class _Plan:
         self.table_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
     def kernel_meta(self, kind: str) -> dict:
-        """The compile-time flags of kernel ``kind``: ``TOEP`` only where :data:`TOEP_KINDS` has it."""
-        return {**self.meta, "TOEP": self.toep and kind in TOEP_KINDS}
+        """The compile-time flags of kernel ``kind``: ``TOEP`` only where :data:`TOEP_KINDS` has it, ``TB_LANES``
+        only where :data:`LANE_KINDS` has it."""
+        return {**self.meta, "TOEP": self.toep and kind in TOEP_KINDS,
+                "TB_LANES": self.meta["TB_LANES"] and kind in LANE_KINDS}
 
     def pos_width(self) -> int:
         """Columns per head of the position table as the kernels read it (and of its gradient buffer): the

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import triton
 import triton.testing
 
 from recfm.kernels.hstu_attention.triton_bwd import hstu_band_grad_kernel, hstu_dkdv_kernel, hstu_dq_kernel
 from recfm.kernels.hstu_attention.triton_fwd import hstu_fwd_kernel
+from recfm.kernels.interpreter import index_fix as _interpreter_index_fix  # noqa: F401 - tests import it here
+from recfm.kernels.interpreter import interpreting
 
 INTERPRET_BLOCK = 16  # tiny tiles under TRITON_INTERPRET=1 (tests)
 INTERPRET_SUPER = 16  # the table-gradient grid under the interpreter (tests also run 32: 2 x 2 tiles each)
@@ -30,27 +31,6 @@ SPLIT_FROM_LEN = 2048  # from this max_len on, table gradients split between dq 
 TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not worth the compile time)
 KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
        "TIME_GRAD", "TB_LANES", "TOEP"]
-
-
-def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.lru_cache(maxsize=None)
-def _interpreter_index_fix() -> None:
-    """Triton 3.6's interpreter turns a scalar (a 1-element array there) into a loop bound with
-    ``int(array)``, which numpy >= 2.4 refuses for 1-d arrays; wrap its tensor patch so ``__index__`` reads
-    the single element. Applied once, only under ``TRITON_INTERPRET=1``."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
