@@ -203,6 +203,7 @@ def test_time_table_by_lanes_or_loads(lanes, dtype, monkeypatch):
     if lanes and interpreting():
         pytest.skip("warp shuffles are PTX: the interpreter takes the load path")
     monkeypatch.setattr(triton_impl, "lanes_hold_time_table", lambda num_tb: lanes)
+    monkeypatch.setattr(triton_impl, "LANE_KINDS", ("fwd", "dq", "dq_inline", "band", "dkdv"))  # the path every kernel has
     q, k, v, offsets, types, stamps = tile_path_batch()
     kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode="mixed", normaliser="keys",
               time_bucket_base=2.0)

@@ -44,7 +44,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # the dK/dV kernel gains, the forward and dQ kernels lose (their tiles' layout conversion costs more than the gather)
 TOEP_KINDS = ("dkdv",)
 LANE_TABLE_MAX = 32  # time tables up to this size are read by warp shuffles (triton_common.lane_lookup)
-LANE_KINDS = ("fwd", "dq", "dq_inline", "band", "dkdv")  # kernels that do so
+# kernels that do so: not dK/dV, which measured faster with the load on an H100 (docs/benchmarks.md, session 8)
+LANE_KINDS = ("fwd", "dq", "dq_inline", "band")
 
 
 def lanes_hold_time_table(num_tb: int) -> bool:
