@@ -50,14 +50,14 @@ from recfm.kernels.hstu_attention.triton_common import (
 def _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, Q, DO, INVN, QTOK, TYPE,
                VIS, TT, POS, PTAB, TTAB, TBND, QEXT, qc0, qc1,
                seq_start, q_len, L, start_m, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base,
-               H: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
+               H: tl.constexpr, QS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
                MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
                HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr):
     rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
         QTOK, TYPE, VIS, TT, POS, seq_start, q_len, start_m, HAS_QIDX, False, MASKED and MASK_MODE == 2,
         HAS_TIME, HAS_POS, BLOCK_M)
-    q = load_rows(Q, rows, row_ok, H * D_QK, D_QK, BLOCK_DQK)
+    q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
     do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
     st = dot(k, tl.trans(q), None, DOT_PREC) * alpha  # [BLOCK_N, BLOCK_M]
     d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
@@ -95,8 +95,8 @@ def _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, tt
 def hstu_dkdv_kernel(
     Q, K, V, DO, DK, DV, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT, QCH,
     ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
-    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-    MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -114,11 +114,11 @@ def hstu_dkdv_kernel(
     else:
         q_start = seq_start
         q_len = L
-    K += seq_start * (H_KV * D_QK) + kv_h * D_QK
-    V += seq_start * (H_KV * D_V) + kv_h * D_V
-    DK += seq_start * (H_KV * D_QK) + kv_h * D_QK
-    DV += seq_start * (H_KV * D_V) + kv_h * D_V
-    Q += q_start * (H * D_QK)
+    K += seq_start * KS + kv_h * D_QK
+    V += seq_start * VS + kv_h * D_V
+    DK += seq_start * KS + kv_h * D_QK
+    DV += seq_start * VS + kv_h * D_V
+    Q += q_start * QS
     DO += q_start * (H * D_V)
     QTOK += q_start
     INVN += q_start
@@ -130,8 +130,8 @@ def hstu_dkdv_kernel(
     for n in range(pid, tl.cdiv(L, BLOCK_N), n_prog):
         k_start = n * BLOCK_N
         cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, k_start, MASK_MODE == 2, HAS_TIME, HAS_POS, BLOCK_N)
-        k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
-        v = load_rows(V, cols, col_ok, H_KV * D_V, D_V, BLOCK_DV)
+        k = load_rows(K, cols, col_ok, KS, D_QK, BLOCK_DQK)
+        v = load_rows(V, cols, col_ok, VS, D_V, BLOCK_DV)
         evk_lo, evk_hi, ttk_lo, ttk_hi = 0, 0, 0, 0
         if HAS_POS or HAS_TIME:
             evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, k_start, BLOCK_N, HAS_POS, HAS_TIME)
@@ -151,12 +151,12 @@ def hstu_dkdv_kernel(
             for start_m in range(free_lo, free_hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
                                     ptab, ttab, TBND, QEXT, qc0, qc1, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
-                                    NUM_TB, inv_log2_base, H, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
+                                    NUM_TB, inv_log2_base, H, QS, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
                                     HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP)
             for start_m in range(masked_lo, masked_hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
                                     ptab, ttab, TBND, QEXT, qc0, qc1, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
-                                    NUM_TB, inv_log2_base, H, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
+                                    NUM_TB, inv_log2_base, H, QS, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
                                     HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP)
         store_rows(DK, cols, col_ok, dk * alpha, H_KV * D_QK, D_QK, BLOCK_DQK)
         store_rows(DV, cols, col_ok, dv, H_KV * D_V, D_V, BLOCK_DV)
@@ -165,7 +165,7 @@ def hstu_dkdv_kernel(
 @triton.jit
 def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V, VIS, TT,
              POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
-             H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
+             KS: tl.constexpr, VS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
              MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
              FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
              TB_LANES: tl.constexpr, TOEP: tl.constexpr):
@@ -173,8 +173,8 @@ def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq
     pair), with the key tile and its bias spans."""
     cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, start_n, MASKED and MASK_MODE == 2, HAS_TIME,
                                                HAS_POS, BLOCK_N)
-    k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
-    v = load_rows(V, cols, col_ok, H_KV * D_V, D_V, BLOCK_DV)
+    k = load_rows(K, cols, col_ok, KS, D_QK, BLOCK_DQK)
+    v = load_rows(V, cols, col_ok, VS, D_V, BLOCK_DV)
     s = dot(q, tl.trans(k), None, DOT_PREC) * alpha
     d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
     if HAS_POS or HAS_TIME:
@@ -198,7 +198,7 @@ def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq
 @triton.jit
 def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
              ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
-             DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr,
+             DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, KS: tl.constexpr, VS: tl.constexpr, D_QK: tl.constexpr,
              D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
@@ -216,7 +216,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
     if BAND:  # a tile of a cell that is not flat (_dq_range skips the flat ones)
         ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
             q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V, VIS,
-            TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV,
+            TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, KS, VS,
             D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP)
         pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
                                            pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
@@ -224,7 +224,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
     else:
         ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
             q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V, VIS, TT,
-            POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
+            POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V,
             MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP)
         dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
         if GRADS and INLINE:  # every tile here, by its own spans
@@ -247,7 +247,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
 @triton.jit
 def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q,
               evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND,
-              KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr,
+              KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, KS: tl.constexpr, VS: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr,
               HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr,
@@ -268,14 +268,14 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
                         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q,
                         evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
                         TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
-                        H_KV, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
+                        KS, VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
                         BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP)
     else:
         for start_n in range(lo, hi, BLOCK_N):
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
                 dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo,
                 evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT,
-                kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, MASKED,
+                kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, MASKED,
                 MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
                 TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP)
     return dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb
@@ -285,8 +285,8 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
 def _dq_program(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
     QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr,
-    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-    MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
@@ -297,7 +297,6 @@ def _dq_program(
     g = tl.program_id(1)
     pid = tl.program_id(2)
     n_prog = tl.num_programs(2)
-    H_KV: tl.constexpr = H // GROUP
     seq_start = tl.load(OFF + b)
     L = (tl.load(OFF + b + 1) - seq_start).to(tl.int32)
     if HAS_QIDX:
@@ -307,11 +306,11 @@ def _dq_program(
         q_start = seq_start
         q_len = L
     kv_h = g // GROUP
-    Q += q_start * (H * D_QK) + g * D_QK
-    DQ += q_start * (H * D_QK) + g * D_QK
+    Q += q_start * QS + g * D_QK
+    DQ += q_start * QS + g * D_QK
     DO += q_start * (H * D_V) + g * D_V
-    K += seq_start * (H_KV * D_QK) + kv_h * D_QK
-    V += seq_start * (H_KV * D_V) + kv_h * D_V
+    K += seq_start * KS + kv_h * D_QK
+    V += seq_start * VS + kv_h * D_V
     QTOK += q_start
     INVN += q_start
     TYPE += seq_start
@@ -334,7 +333,7 @@ def _dq_program(
         rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
             QTOK, TYPE, VIS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
             HAS_POS, BLOCK_M)
-        q = load_rows(Q, rows, row_ok, H * D_QK, D_QK, BLOCK_DQK)
+        q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
         do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
         if NORM == 0:
             inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + 1.0 / L.to(tl.float32)
@@ -359,20 +358,20 @@ def _dq_program(
         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
             0, free_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q,
             ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB,
-            TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False,
+            TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, False,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
             TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP)
         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
             free_end, masked_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
             tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
-            TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
+            TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, True,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
             TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP)
         if MASK_MODE == 2:
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
                 extra_lo, extra_hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
                 tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
-                TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V,
+                TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V,
                 True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
                 TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP)
         if not BAND:
@@ -390,8 +389,8 @@ def _dq_program(
 def hstu_dq_kernel(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
     QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
-    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-    MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -405,7 +404,7 @@ def hstu_dq_kernel(
     :func:`hstu_band_grad_kernel` does the rest (long samples: dQ keeps large tiles)."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, GROUP,
-                D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
+                D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
                 TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, BLOCK_M, BLOCK_N, BLOCK_DQK,
                 BLOCK_DV)
 
@@ -414,8 +413,8 @@ def hstu_dq_kernel(
 def hstu_band_grad_kernel(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
     QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
-    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-    MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -428,6 +427,6 @@ def hstu_band_grad_kernel(
     BLOCK_M and BLOCK_N divide SUPER."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, H, GROUP,
-                D_QK, D_V, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
+                D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
                 TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, BLOCK_M, BLOCK_N, BLOCK_DQK,
                 BLOCK_DV)

@@ -42,13 +42,13 @@ from recfm.kernels.hstu_attention.triton_common import (
 @triton.jit
 def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V, VIS, TT, POS,
               PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha,
-              P_HALF, NUM_TB, inv_log2_base, H_KV: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+              P_HALF, NUM_TB, inv_log2_base, KS: tl.constexpr, VS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
               MASKED: tl.constexpr, MASK_MODE: tl.constexpr, COUNT: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr):
     cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, start_n, MASKED and MASK_MODE == 2, HAS_TIME,
                                                HAS_POS, BLOCK_N)
-    k = load_rows(K, cols, col_ok, H_KV * D_QK, D_QK, BLOCK_DQK)
+    k = load_rows(K, cols, col_ok, KS, D_QK, BLOCK_DQK)
     raw = dot(q, tl.trans(k), None, DOT_PREC)
     d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
     if HAS_POS or HAS_TIME:
@@ -76,7 +76,7 @@ def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq
         a = tl.where(ok, a, 0.0)
         if COUNT:
             cnt += tl.sum(ok.to(tl.int32), axis=1)
-    v = load_rows(V, cols, col_ok, H_KV * D_V, D_V, BLOCK_DV)
+    v = load_rows(V, cols, col_ok, VS, D_V, BLOCK_DV)
     acc = dot(a.to(v.dtype), v, acc, DOT_PREC)
     return acc, cnt
 
@@ -85,18 +85,18 @@ def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq
 def hstu_fwd_kernel(
     Q, K, V, O, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT, QCH,
     ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
-    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-    MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Q ``[N_q, H, D_QK]`` (rows grouped by sample, QOFF ``[B+1]``), K ``[N, H/GROUP, D_QK]``,
-    V ``[N, H/GROUP, D_V]``, O ``[N_q, H, D_V]``; all contiguous. LEN_KEY only keys the autotuner."""
+    V ``[N, H/GROUP, D_V]``, O ``[N_q, H, D_V]``; heads packed within a row, Q/K/V rows ``QS``/``KS``/``VS``
+    elements apart (views of a wider projection read in place), O contiguous. LEN_KEY only keys the autotuner."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     pid = tl.program_id(2)
     n_prog = tl.num_programs(2)
-    H_KV: tl.constexpr = H // GROUP
     COUNT: tl.constexpr = NORM == 1 and MASK_MODE == 2
     seq_start = tl.load(OFF + b)
     L = (tl.load(OFF + b + 1) - seq_start).to(tl.int32)
@@ -108,10 +108,10 @@ def hstu_fwd_kernel(
         q_len = L
     kv_h = g // GROUP
     # base pointers of this sample / head: tile offsets below are int32
-    Q += q_start * (H * D_QK) + g * D_QK
+    Q += q_start * QS + g * D_QK
     O += q_start * (H * D_V) + g * D_V
-    K += seq_start * (H_KV * D_QK) + kv_h * D_QK
-    V += seq_start * (H_KV * D_V) + kv_h * D_V
+    K += seq_start * KS + kv_h * D_QK
+    V += seq_start * VS + kv_h * D_V
     QTOK += q_start
     INVN += q_start
     TYPE += seq_start
@@ -125,7 +125,7 @@ def hstu_fwd_kernel(
         rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
             QTOK, TYPE, VIS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
             HAS_POS, BLOCK_M)
-        q = load_rows(Q, rows, row_ok, H * D_QK, D_QK, BLOCK_DQK)
+        q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
         evq_lo, evq_hi, ttq_lo, ttq_hi = 0, 0, 0, 0
         if HAS_POS or HAS_TIME:
             evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, m * BLOCK_M, BLOCK_M, HAS_POS, HAS_TIME)
@@ -138,16 +138,16 @@ def hstu_fwd_kernel(
         cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
         for start_n in range(0, free_end, BLOCK_N):
             acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, m * BLOCK_M, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
-                                 start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, False, MASK_MODE,
+                                 start_n, alpha, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, False, MASK_MODE,
                                  COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP)
         for start_n in range(free_end, masked_end, BLOCK_N):
             acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, m * BLOCK_M, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
-                                 start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True, MASK_MODE,
+                                 start_n, alpha, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, True, MASK_MODE,
                                  COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
                 acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, m * BLOCK_M, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1,
-                                     L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, H_KV, D_QK, D_V, True,
+                                     L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, True,
                                      MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
                                      BLOCK_DV, TB_LANES, TOEP)
         if NORM == 0:

@@ -83,6 +83,8 @@ class _Plan:
             FAST=q.dtype != torch.float32 and not interpreting(),
             TB_LANES=lanes_hold_time_table(num_tb),
             TOEP=False,  # per kernel: TOEP_KINDS
+            QS=_row_stride(q) if query_index is None else q.shape[1] * q.shape[2],  # target rows are gathered
+            KS=_row_stride(k), VS=_row_stride(v),
             BLOCK_DQK=max(16, triton.next_power_of_2(self.d_qk)),
             BLOCK_DV=max(16, triton.next_power_of_2(self.d_v)),
         )
@@ -123,11 +125,32 @@ class _Plan:
                 *self.scalars)
 
 
+def _packed_rows(x: torch.Tensor) -> bool:
+    """Whether the kernels can read ``x [rows, heads, d]`` in place: heads packed within a row, elements
+    contiguous, rows any stride (e.g. Q, K and V as column slices of one projection's output). Not under the
+    interpreter, which hands a kernel a copy of each argument's own elements only."""
+    if interpreting():
+        return False
+    return x.stride(2) == 1 and (x.shape[1] == 1 or x.stride(1) == x.shape[2]) and x.stride(0) >= x.shape[1] * x.shape[2]
+
+
+def _row_stride(x: torch.Tensor) -> int:
+    """Row stride the kernels read ``x`` with: its own when :func:`_packed_rows`, else that of a contiguous copy
+    (:func:`_in_place` makes it)."""
+    return x.stride(0) if _packed_rows(x) and x.shape[0] > 1 else x.shape[1] * x.shape[2]
+
+
+def _in_place(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """``x`` itself when its rows are ``stride`` apart with packed heads, else a contiguous copy."""
+    return x if _packed_rows(x) and (x.shape[0] <= 1 or x.stride(0) == stride) else x.contiguous()
+
+
 class _HSTUAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_bias, time_bias, plan: _Plan):
-        q_sorted = (q[plan.order] if plan.order is not None else q).contiguous()
-        k, v = k.contiguous(), v.contiguous()
+        # Q/K/V are read in place (views of the layer's projections: no copies), target rows gathered
+        q_sorted = q[plan.order].contiguous() if plan.order is not None else _in_place(q, plan.meta["QS"])
+        k, v = _in_place(k, plan.meta["KS"]), _in_place(v, plan.meta["VS"])
         out = q.new_empty(q.shape[0], plan.num_heads, plan.d_v)
         invn = (torch.empty(q.shape[0], dtype=torch.float32, device=q.device) if plan.keys_norm else plan.dummy_f)
         if q.shape[0] and plan.num_samples:
@@ -143,8 +166,9 @@ class _HSTUAttention(torch.autograd.Function):
         q_sorted, k, v, pos_bias, time_bias, invn = ctx.saved_tensors
         plan: _Plan = ctx.plan
         do = (grad_out[plan.order] if plan.order is not None else grad_out).contiguous()
-        dq = torch.zeros_like(q_sorted)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        # every row is written by the kernels (as the forward's output), in the contiguous layout
+        dq = q_sorted.new_empty(q_sorted.shape)
+        dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
         dpos = (torch.zeros(plan.pos_shape[0], plan.pos_width(), dtype=torch.float32, device=q_sorted.device)
                 if plan.pos_shape else plan.dummy_f)  # laid out like the table the kernels read
         dtime = (torch.zeros(plan.time_shape, dtype=torch.float32, device=q_sorted.device) if plan.time_shape
