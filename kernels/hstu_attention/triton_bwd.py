@@ -116,8 +116,8 @@ def hstu_dkdv_kernel(
         q_len = L
     K += seq_start * KS + kv_h * D_QK
     V += seq_start * VS + kv_h * D_V
-    DK += seq_start * KS + kv_h * D_QK
-    DV += seq_start * VS + kv_h * D_V
+    DK += seq_start * (H_KV * D_QK) + kv_h * D_QK
+    DV += seq_start * (H_KV * D_V) + kv_h * D_V
     Q += q_start * QS
     DO += q_start * (H * D_V)
     QTOK += q_start
@@ -307,7 +307,7 @@ def _dq_program(
         q_len = L
     kv_h = g // GROUP
     Q += q_start * QS + g * D_QK
-    DQ += q_start * QS + g * D_QK
+    DQ += q_start * (H * D_QK) + g * D_QK
     DO += q_start * (H * D_V) + g * D_V
     K += seq_start * KS + kv_h * D_QK
     V += seq_start * VS + kv_h * D_V

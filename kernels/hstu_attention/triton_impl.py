@@ -127,10 +127,7 @@ class _Plan:
 
 def _packed_rows(x: torch.Tensor) -> bool:
     """Whether the kernels can read ``x [rows, heads, d]`` in place: heads packed within a row, elements
-    contiguous, rows any stride (e.g. Q, K and V as column slices of one projection's output). Not under the
-    interpreter, which hands a kernel a copy of each argument's own elements only."""
-    if interpreting():
-        return False
+    contiguous, rows any stride (e.g. Q, K and V as column slices of one projection's output)."""
     return x.stride(2) == 1 and (x.shape[1] == 1 or x.stride(1) == x.shape[2]) and x.stride(0) >= x.shape[1] * x.shape[2]
 
 
