@@ -10,7 +10,7 @@ import torch
 
 from recfm.errors import ConfigError, RecfmError
 from recfm.foundation.model.backbone import Backbone, BackboneConfig
-from recfm.foundation.model.hstu import HSTUConfig, HSTULayer, _SiluSplit
+from recfm.foundation.model.hstu import HSTUConfig, HSTULayer
 
 H, R, T = 0, 1, 2
 D = 8
@@ -212,26 +212,6 @@ def test_empty_and_length_one_samples():
     torch.testing.assert_close(out[:1], model(**single))
     empty = make_batch([sample(0, [], [], rng)] * 3)
     assert model(**empty).shape == (0, D)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_silu_split_equals_silu_then_split(dtype):
-    # the projections' SiLU + split writes its input gradient part by part (no cat): bitwise the same outputs
-    # as autograd's silu(x).split(...), the same gradient up to rounding (SiLU's backward on a column slice
-    # may take another vectorisation path), and a zero gradient for a part nothing used
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(9, 12, generator=gen).to(dtype).requires_grad_()
-    parts = _SiluSplit.apply(x, [5, 7])
-    grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in parts]
-    sum((p * g).sum() for p, g in zip(parts, grads)).backward()
-    x2 = x.detach().clone().requires_grad_()
-    parts2 = torch.nn.functional.silu(x2).split([5, 7], dim=1)
-    sum((p * g).sum() for p, g in zip(parts2, grads)).backward()
-    assert all(torch.equal(a, b) for a, b in zip(parts, parts2))
-    torch.testing.assert_close(x.grad, x2.grad)  # dtype defaults: fp64 1e-7, bf16 one rounding step
-    x3 = x.detach().clone().requires_grad_()
-    _SiluSplit.apply(x3, [5, 7])[1].sum().backward()
-    assert torch.equal(x3.grad[:, :5], torch.zeros(9, 5, dtype=dtype))
 
 
 def test_gradcheck_whole_layer():

@@ -129,33 +129,6 @@ class HSTUConfig:
             raise ConfigError(problems)
 
 
-class _SiluSplit(torch.autograd.Function):
-    """``silu(x).split(sizes, dim=1)`` whose backward writes each part's input gradient straight into its columns
-    of one buffer: the same values as autograd's, without the ``cat`` that joins the parts' gradients before a
-    single SiLU backward (on an H100 that ``cat`` was 1.7 ms of the medium step, docs/benchmarks.md)."""
-
-    @staticmethod
-    def forward(ctx, x, sizes):
-        ctx.save_for_backward(x)
-        ctx.sizes = tuple(sizes)
-        return F.silu(x).split(sizes, dim=1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        (x,) = ctx.saved_tensors
-        grad_x = torch.empty_like(x)
-        start = 0
-        for grad, size in zip(grads, ctx.sizes):
-            cols = slice(start, start + size)
-            if grad is None:
-                grad_x[:, cols].zero_()
-            else:
-                torch.ops.aten.silu_backward.grad_input(grad, x[:, cols], grad_input=grad_x[:, cols])
-            start += size
-        return grad_x, None
-
-
 class GroupLayerNorm(nn.Module):
     """LayerNorm with one ``(weight, bias)`` row per token group: ``[N, dim]``, group ``[N]`` -> ``[N, dim]``."""
 
@@ -194,7 +167,7 @@ class HSTULayer(nn.Module):
         out = proj(x)
         on = [n in self.config.silu_on for n in names]
         if all(on):
-            return _SiluSplit.apply(out, sizes)
+            return F.silu(out).split(sizes, dim=1)
         return tuple(F.silu(t) if act else t for t, act in zip(out.split(sizes, dim=1), on))
 
     def forward(
