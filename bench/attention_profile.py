@@ -24,7 +24,7 @@ D256 = dict(fwd=(128, 64, 8, 2), dq=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # d 2
 # the medium training step's picks (3 x 256, max_len ~1150: one dQ pass), bench/train_step.py's JSON
 STEP = dict(fwd=(128, 32, 8, 2), dq=(64, 64, 8, 2), dq_inline=(32, 32, 4, 2), dkdv=(32, 64, 8, 2))
 STEP_PLAIN = dict(fwd=(128, 32, 8, 3), dq=(128, 32, 8, 3), dkdv=(32, 64, 8, 3))
-STEP_SPLIT = dict(STEP, dq=(64, 64, 8, 2), band=(32, 32, 4, 2))
+STEP_SPLIT = dict(STEP, band=(32, 32, 4, 2))
 KINDS = ("fwd", "dq", "band", "dkdv")
 ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band[, frozen tables])
     ("no tables, light blocks", "mixed-nobias", LIGHT, True),

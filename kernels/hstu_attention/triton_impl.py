@@ -95,33 +95,38 @@ class _Plan:
         # shared memory, which made every bias table cost ~5x the attention itself (H100, docs/kernels.md)
         self.table_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
+    def uses_toep(self, kind: str) -> bool:
+        """Whether kernel ``kind`` reads Toeplitz position tiles (:data:`TOEP_KINDS`). The band kernel adds to
+        the dQ kernel's gradient buffer, laid out like the table that kernel reads, so it follows ``dq``."""
+        return self.toep and ("dq" if kind == "band" else kind) in TOEP_KINDS
+
     def kernel_meta(self, kind: str) -> dict:
-        """The compile-time flags of kernel ``kind``: ``TOEP`` only where :data:`TOEP_KINDS` has it, ``TB_LANES``
-        only where :data:`LANE_KINDS` has it."""
-        return {**self.meta, "TOEP": self.toep and kind in TOEP_KINDS,
-                "TB_LANES": self.meta["TB_LANES"] and kind in LANE_KINDS}
+        """The compile-time flags of kernel ``kind``: ``TOEP`` per :meth:`uses_toep`, ``TB_LANES`` only where
+        :data:`LANE_KINDS` has it."""
+        return {**self.meta, "TOEP": self.uses_toep(kind), "TB_LANES": self.meta["TB_LANES"] and kind in LANE_KINDS}
 
-    def pos_width(self) -> int:
-        """Columns per head of the position table as the kernels read it (and of its gradient buffer): the
-        table, then its Toeplitz layout when ``TOEP`` (:func:`.triton_meta.toeplitz_tables`)."""
-        half = (self.pos_shape[1] - 1) // 2
-        return toeplitz_width(half) if self.toep else self.pos_shape[1]
+    def pos_width(self, kind: str) -> int:
+        """Columns per head of the position table as kernel ``kind`` reads it (and of the gradient buffer the
+        table-gradient kernels write): the table, then its Toeplitz layout (:func:`.triton_meta.toeplitz_tables`)
+        where :meth:`uses_toep`."""
+        return toeplitz_width((self.pos_shape[1] - 1) // 2) if self.uses_toep(kind) else self.pos_shape[1]
 
-    def table_strides(self, pos_bias, time_bias) -> tuple[int, int]:
+    def table_strides(self, pos_bias, time_bias, kind: str) -> tuple[int, int]:
         """Row stride of each table for query head g (0 when one row is shared by all heads)."""
-        pos = 0 if pos_bias is None or pos_bias.shape[0] == 1 else self.pos_width()
+        pos = 0 if pos_bias is None or pos_bias.shape[0] == 1 else self.pos_width(kind)
         time = 0 if time_bias is None or time_bias.shape[0] == 1 else time_bias.shape[1]
         return pos, time
 
-    def tail(self, invn: torch.Tensor, pos_bias, time_bias) -> tuple:
-        """Arguments shared by the three kernels after the tensors they differ in."""
+    def tail(self, invn: torch.Tensor, pos_bias, time_bias, kind: str) -> tuple:
+        """Arguments of kernel ``kind`` after the tensors the kernels differ in (the position table in that
+        kernel's layout: the Toeplitz layout is built only for a kernel that reads it)."""
         ptab = pos_bias.to(self.table_dtype).contiguous() if pos_bias is not None else self.dummy_f
-        if pos_bias is not None and self.toep:
+        if pos_bias is not None and self.uses_toep(kind):
             ptab = toeplitz_tables(ptab)
         ttab = time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f
         t = self.tokens
         return (t.offsets, t.qoff, t.qtok, t.token_type, t.vis, t.seconds, t.positions, ptab, ttab, t.bounds,
-                t.stats, invn, t.kext, t.kchunks, t.qext, t.qchunks, *self.table_strides(pos_bias, time_bias),
+                t.stats, invn, t.kext, t.kchunks, t.qext, t.qchunks, *self.table_strides(pos_bias, time_bias, kind),
                 *self.scalars)
 
 
@@ -152,7 +157,7 @@ class _HSTUAttention(torch.autograd.Function):
         invn = (torch.empty(q.shape[0], dtype=torch.float32, device=q.device) if plan.keys_norm else plan.dummy_f)
         if q.shape[0] and plan.num_samples:
             launch("fwd", plan.max_len, plan.num_samples, plan.num_heads,
-                   (q_sorted, k, v, out, *plan.tail(invn, pos_bias, time_bias)), plan.kernel_meta("fwd"))
+                   (q_sorted, k, v, out, *plan.tail(invn, pos_bias, time_bias, "fwd")), plan.kernel_meta("fwd"))
         ctx.save_for_backward(q_sorted, k, v, pos_bias, time_bias, invn)
         ctx.plan = plan
         return _unsort(out, plan.order)
@@ -166,21 +171,21 @@ class _HSTUAttention(torch.autograd.Function):
         # every row is written by the kernels (as the forward's output), in the contiguous layout
         dq = q_sorted.new_empty(q_sorted.shape)
         dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
-        dpos = (torch.zeros(plan.pos_shape[0], plan.pos_width(), dtype=torch.float32, device=q_sorted.device)
-                if plan.pos_shape else plan.dummy_f)  # laid out like the table the kernels read
+        grads = dict(POS_GRAD=pos_bias is not None and ctx.needs_input_grad[3],
+                     TIME_GRAD=time_bias is not None and ctx.needs_input_grad[4],
+                     TB_PAD=triton.next_power_of_2(plan.time_shape[1]) if plan.time_shape else 1)
+        table_grads = grads["POS_GRAD"] or grads["TIME_GRAD"]
+        split = table_grads and plan.max_len >= triton_launch.SPLIT_FROM_LEN
+        kind = "dq_inline" if table_grads and not split else "dq"
+        dpos = (torch.zeros(plan.pos_shape[0], plan.pos_width(kind), dtype=torch.float32, device=q_sorted.device)
+                if plan.pos_shape else plan.dummy_f)  # laid out like the table the dQ kernel reads
         dtime = (torch.zeros(plan.time_shape, dtype=torch.float32, device=q_sorted.device) if plan.time_shape
                  else plan.dummy_f.clone())
         if q_sorted.shape[0] and plan.num_samples:
-            tail = plan.tail(invn, pos_bias, time_bias)
             launch("dkdv", plan.max_len, plan.num_samples, plan.num_heads // plan.group,
-                   (q_sorted, k, v, do, dk, dv, *tail), plan.kernel_meta("dkdv"))
-            grads = dict(POS_GRAD=pos_bias is not None and ctx.needs_input_grad[3],
-                         TIME_GRAD=time_bias is not None and ctx.needs_input_grad[4],
-                         TB_PAD=triton.next_power_of_2(plan.time_shape[1]) if plan.time_shape else 1)
-            args = (q_sorted, k, v, do, dq, dpos, dtime, *tail)
-            table_grads = grads["POS_GRAD"] or grads["TIME_GRAD"]
-            split = table_grads and plan.max_len >= triton_launch.SPLIT_FROM_LEN
-            kind = "dq_inline" if table_grads and not split else "dq"
+                   (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv")),
+                   plan.kernel_meta("dkdv"))
+            args = (q_sorted, k, v, do, dq, dpos, dtime, *plan.tail(invn, pos_bias, time_bias, kind))
             launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.kernel_meta(kind), **grads})
             if split:  # the table gradients of the cells dq leaves out
                 launch("band", plan.max_len, plan.num_samples, plan.num_heads, args,

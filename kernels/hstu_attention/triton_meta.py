@@ -114,9 +114,14 @@ def chunk_extremes(offsets: torch.Tensor, positions: torch.Tensor, seconds: torc
     return torch.stack(cols, 1).contiguous(), first.to(torch.int32)
 
 
+def _padded_table(half: int) -> int:
+    """Columns of the position table padded to a multiple of 64 (``triton_common.toeplitz_tile``'s ``TP``)."""
+    return (2 * half + 64) // 64 * 64
+
+
 def toeplitz_width(half: int) -> int:
     """Columns of the position table plus its Toeplitz layout (:func:`toeplitz_tables`) for ``P = half``."""
-    return (2 * half + 64) // 64 * 64 + 2 * (2 * half + 4 * TOEP_W) * TOEP_W
+    return _padded_table(half) + 2 * (2 * half + 4 * TOEP_W) * TOEP_W
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,7 +142,7 @@ def toeplitz_tables(table: torch.Tensor) -> torch.Tensor:
     ``i0`` and keys from ``j0`` (both at their own event positions) is rows ``i0 - j0 + OFF ..`` of ``M``. One
     gather per call (per head: ~0.5 MB in bf16 at P = 256), the same for every tile of the call."""
     half = (table.shape[1] - 1) // 2
-    pad = (2 * half + 64) // 64 * 64 - table.shape[1]
+    pad = _padded_table(half) - table.shape[1]
     index = _toeplitz_index(half, table.device)
     return torch.cat([table, table.new_zeros(table.shape[0], pad), table[:, index]], 1).contiguous()
 
