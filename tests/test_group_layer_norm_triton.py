@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install recfm[kernels])", allow_module_level=True)
 
+from recfm.errors import RecfmError  # noqa: E402
 from recfm.kernels.group_layer_norm import IMPLS, group_layer_norm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,6 +88,37 @@ def test_fused_gate_matches_reference(dtype, with_bias):
         torch.testing.assert_close(g.to(GRAD_DTYPE), w, rtol=tol, atol=tol * scale)
     plain = _run("triton", x, group, weight, bias, dy)[0].float()
     torch.testing.assert_close(got[0].float(), plain * gate.float(), rtol=tol, atol=tol * 8)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_out_dtype_and_strided_gate(impl):
+    """float32 ``x`` written as bf16 (``out_dtype``, as a layer under autocast asks for), gated by a column
+    slice of a wider bf16 tensor (U of the stacked projection), read in place: the result is the float32
+    computation rounded once (within one bf16 step), and the gradients match the reference."""
+    x, group, weight, bias, _ = _case(37, 24, 3, torch.float32, seed=9)
+    wide = torch.randn(37, 3 * 24, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16).to(DEVICE)
+    gate = wide[:, 24:48]
+    assert not gate.is_contiguous()
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, wide)]
+    y = group_layer_norm(leaves[0], group, leaves[1], leaves[2], impl=impl, gate=leaves[3][:, 24:48],
+                         out_dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16).to(DEVICE)
+    grads = torch.autograd.grad(y, leaves, dy)
+    assert grads[0].dtype == torch.float32 and grads[3].dtype == torch.bfloat16
+    assert torch.all(grads[3][:, :24] == 0) and torch.all(grads[3][:, 48:] == 0)
+    want = _expected(x, group, weight, bias, dy, gate)
+    plain = _run(impl, x, group, weight, bias, dy, gate.float())[0]
+    torch.testing.assert_close(y.float(), plain, rtol=2**-7, atol=1e-6)
+    for g, w in zip((y, *grads[:3], grads[3][:, 24:48]), want):
+        scale = w.abs().max().clamp(min=1).item()
+        torch.testing.assert_close(g.to(GRAD_DTYPE), w, rtol=3e-2, atol=3e-2 * scale)
+
+
+def test_bad_out_dtype_is_named():
+    x, group, weight, bias, _ = _case(4, 8, 2, torch.float32, seed=1)
+    with pytest.raises(RecfmError, match="out_dtype"):
+        group_layer_norm(x, group, weight, bias, out_dtype=torch.int32)
 
 
 def test_without_bias_matches_reference():

@@ -10,7 +10,9 @@
 
 ``[W_uq; W_vk]`` is the paper's single ``W1``, split in two so that a *target layer* (``query_index`` =
 the T rows) computes U and Q only for its queries while K and V cover every token: cost ``O(L_T * L)``.
-A full layer is the same code with every row a query.
+A full layer is the same code with every row a query, and runs the two as one matmul
+(:mod:`recfm.kernels.linear_silu`, whose backward fuses SiLU's derivative, the parts' gradients and the bias
+gradient into one pass).
 
 Choices (brief section 4 says public implementations differ; these are ours, each switchable in
 :class:`HSTUConfig` where an ablation needs it):
@@ -29,10 +31,13 @@ Choices (brief section 4 says public implementations differ; these are ours, eac
   ``GLN_attn(O) * U`` is one fused call (``group_layer_norm(..., gate=U)``): with the Triton kernels the
   normalised ``O`` is never written to memory nor kept for the backward.
 * **Dropout** on ``GLN(O) * U`` only (as in the paper's eq. 3); set 0 for deterministic tests.
+* **Mixed precision**: under autocast ``GLN_in`` writes ``x_hat`` in the autocast dtype, which the
+  projections read as it is (a float32 ``x_hat`` would be cast once per projection, and its gradients cast
+  back); statistics and affine stay in float32, and the residual stream keeps ``x``'s dtype.
 
 Kernel implementations (``HSTUConfig.impl``), chosen per call from the tensors at hand -- no global switch:
 
-* ``auto`` (default): for each op (attention, Group LayerNorm), ``triton`` when the tensors are on a CUDA
+* ``auto`` (default): for each op (attention, Group LayerNorm, projection), ``triton`` when the tensors are on a CUDA
   device, are float16/bfloat16/float32, Triton is importable and the op's ``IMPLS`` has a ``triton`` entry;
   ``reference`` otherwise (CPU, float64 gradchecks, no Triton). :func:`resolve_impl` is the rule.
 * an explicit name of ``recfm.kernels.hstu_attention.IMPLS`` (``reference``, ``triton``, ...): attention
@@ -48,7 +53,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from recfm.errors import ConfigError, RecfmError
@@ -58,6 +62,8 @@ from recfm.kernels.group_layer_norm import IMPLS as GLN_IMPLS
 from recfm.kernels.group_layer_norm import group_layer_norm
 from recfm.kernels.hstu_attention import IMPLS as ATTENTION_IMPLS
 from recfm.kernels.hstu_attention import Normaliser, hstu_attention
+from recfm.kernels.linear_silu import IMPLS as PROJ_IMPLS
+from recfm.kernels.linear_silu import autocast_dtype, linear_silu
 
 PROJECTIONS = ("u", "v", "q", "k")
 AUTO = "auto"
@@ -139,10 +145,12 @@ class GroupLayerNorm(nn.Module):
         self.eps, self.impl = eps, impl
 
     def forward(self, x: torch.Tensor, group: torch.Tensor, validate: bool = True,
-                gate: torch.Tensor | None = None) -> torch.Tensor:
-        """``GLN(x)``, or ``GLN(x) * gate`` (``gate [N, dim]``) fused in one kernel pass."""
+                gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``GLN(x)``, or ``GLN(x) * gate`` (``gate [N, dim]``) fused in one kernel pass; in ``out_dtype``
+        (default ``x``'s)."""
         impl = resolve_impl(self.impl, x, GLN_IMPLS)
-        return group_layer_norm(x, group, self.weight, self.bias, self.eps, impl=impl, validate=validate, gate=gate)
+        return group_layer_norm(x, group, self.weight, self.bias, self.eps, impl=impl, validate=validate, gate=gate,
+                                out_dtype=out_dtype)
 
 
 class HSTULayer(nn.Module):
@@ -162,13 +170,14 @@ class HSTULayer(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
         self.proj_out = nn.Linear(c.num_heads * c.d_v, c.d_model)
 
-    def _project(self, proj: nn.Linear, x: torch.Tensor, names: tuple[str, str], sizes: list[int]):
-        """``proj(x)`` split in two, SiLU on the parts named in ``silu_on`` (one pass when both are)."""
-        out = proj(x)
-        on = [n in self.config.silu_on for n in names]
-        if all(on):
-            return F.silu(out).split(sizes, dim=1)
-        return tuple(F.silu(t) if act else t for t, act in zip(out.split(sizes, dim=1), on))
+    def _project(self, x: torch.Tensor, projs: tuple[nn.Linear, ...], names: tuple[str, ...]):
+        """``SiLU(x [W_a; W_b]^T + b)`` split into the parts ``names`` (SiLU on those in ``silu_on``): one
+        matmul for the stacked weights of ``projs`` (:func:`recfm.kernels.linear_silu.linear_silu`)."""
+        c = self.config
+        width = {"u": c.num_heads * c.d_v, "q": c.num_heads * c.d_qk,
+                 "v": c.num_kv_heads * c.d_v, "k": c.num_kv_heads * c.d_qk}
+        return linear_silu(x, [p.weight for p in projs], [p.bias for p in projs], [width[n] for n in names],
+                           [n in c.silu_on for n in names], impl=resolve_impl(c.impl, x, PROJ_IMPLS))
 
     def forward(
         self,
@@ -199,13 +208,14 @@ class HSTULayer(nn.Module):
         c = self.config
         if x.dim() != 2 or x.shape[1] != c.d_model:
             raise RecfmError(f"HSTULayer: x must be [N, d_model={c.d_model}], got {tuple(x.shape)}")
-        x_hat = self.norm_in(x, group, validate)
-        v, k = self._project(self.proj_vk, x_hat, ("v", "k"), [c.num_kv_heads * c.d_v, c.num_kv_heads * c.d_qk])
+        x_hat = self.norm_in(x, group, validate, out_dtype=autocast_dtype(x))
         if query_index is None:
-            x_q, group_q, x_hat_q = x, group, x_hat
+            x_q, group_q = x, group
+            v, k, u, q = self._project(x_hat, (self.proj_vk, self.proj_uq), ("v", "k", "u", "q"))
         else:  # index_select: its backward is an index_add (no sort, no host sync)
+            v, k = self._project(x_hat, (self.proj_vk,), ("v", "k"))
             x_q, group_q, x_hat_q = (t.index_select(0, query_index) for t in (x, group, x_hat))
-        u, q = self._project(self.proj_uq, x_hat_q, ("u", "q"), [c.num_heads * c.d_v, c.num_heads * c.d_qk])
+            u, q = self._project(x_hat_q, (self.proj_uq,), ("u", "q"))
 
         out = hstu_attention(
             q.view(-1, c.num_heads, c.d_qk), k.view(-1, c.num_kv_heads, c.d_qk),

@@ -6,8 +6,8 @@ Layout::
     group:  [N] int64   group of each token (H kind, R, T of a scenario: see recfm.foundation.data.batch)
     weight: [G, d]      one scale row per group
     bias:   [G, d]      one shift row per group (or None)
-    gate:   [N, d]      optional: out = GLN(x) * gate, fused (HSTU's GLN(O) * U)
-    out:    [N, d]
+    gate:   [N, d]      optional: out = GLN(x) * gate, fused (HSTU's GLN(O) * U); may be a column slice
+    out:    [N, d]      in x's dtype, or out_dtype (e.g. bf16 for a bf16 matmul after it: no cast pass)
 
 The math is in :mod:`.reference`; ``impl`` picks the implementation from ``IMPLS``:
 
@@ -25,11 +25,11 @@ from recfm.kernels.group_layer_norm.reference import group_layer_norm_reference
 
 
 def _triton(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            eps: float, gate: torch.Tensor | None = None) -> torch.Tensor:
+            eps: float, gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Lazy entry of the Triton implementation (imports Triton on first call)."""
     from recfm.kernels.group_layer_norm.triton_impl import group_layer_norm_triton
 
-    return group_layer_norm_triton(x, group, weight, bias, eps, gate)
+    return group_layer_norm_triton(x, group, weight, bias, eps, gate, out_dtype)
 
 
 IMPLS = {"reference": group_layer_norm_reference, "triton": _triton}
@@ -46,6 +46,7 @@ def group_layer_norm(
     impl: str = "reference",
     validate: bool = True,
     gate: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Normalise each row of ``x`` and apply its group's affine parameters.
 
@@ -59,9 +60,12 @@ def group_layer_norm(
         validate: also check that group ids are in range (one host sync); shapes, dtypes and devices are
             always checked. Everything is checked before any compute.
         gate: ``[N, d]`` float or ``None``; when given the result is ``GLN(x) * gate`` in one pass.
+        out_dtype: floating dtype of the result; ``None`` = ``x``'s. Statistics and affine stay in float32
+            either way: under autocast a layer passes the autocast dtype, so the matmul that follows reads
+            the result as it is instead of casting a float32 copy (the gradient comes back in that dtype).
 
     Returns:
-        ``[N, d]`` in ``x``'s dtype.
+        ``[N, d]`` in ``out_dtype`` (default ``x``'s dtype).
 
     Raises:
         RecfmError: naming the argument at fault.
@@ -84,11 +88,13 @@ def group_layer_norm(
         fail(f"weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must have the same shape")
     if gate is not None and (gate.shape != x.shape or not gate.dtype.is_floating_point):
         fail(f"gate must be a floating tensor of x's shape {tuple(x.shape)}, got {gate.dtype} {tuple(gate.shape)}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        fail(f"out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
     for name, t in (("group", group), ("weight", weight), ("bias", bias), ("gate", gate)):
         if t is not None and t.device != x.device:
             fail(f"{name} is on {t.device} but x is on {x.device}")
     if validate and n and (int(group.min()) < 0 or int(group.max()) >= weight.shape[0]):
         fail(f"group ids must be in [0, {weight.shape[0]}), got {int(group.min())} .. {int(group.max())}")
-    if gate is None:
+    if gate is None and out_dtype in (None, x.dtype):
         return IMPLS[impl](x, group, weight, bias, float(eps))
-    return IMPLS[impl](x, group, weight, bias, float(eps), gate)
+    return IMPLS[impl](x, group, weight, bias, float(eps), gate, out_dtype)

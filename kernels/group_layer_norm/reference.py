@@ -6,7 +6,8 @@ root), then scaled and shifted by the parameters of *its own* group::
     y_i = (x_i - mean(x_i)) / sqrt(var(x_i) + eps) * weight[group_i] + bias[group_i]
 
 With a ``gate`` (``[N, d]``) the result is ``y * gate`` (HSTU's ``GLN(O) * U``), in the same precision.
-Computed in float32 (float64 when ``x`` is float64), returned in ``x``'s dtype; works on any device.
+Computed in float32 (float64 when ``x`` is float64), returned in ``x``'s dtype or the ``out_dtype`` asked
+for; works on any device.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ def group_layer_norm_reference(
     bias: torch.Tensor | None,
     eps: float,
     gate: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``x [N, d]``, ``group [N]`` int64, ``weight``/``bias [G, d]``, ``gate [N, d]`` or None -> ``[N, d]``
-    (inputs already validated)."""
+    """``x [N, d]``, ``group [N]`` int64, ``weight``/``bias [G, d]``, ``gate [N, d]`` or None -> ``[N, d]`` in
+    ``out_dtype`` (default ``x``'s; inputs already validated)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     normed = F.layer_norm(x.to(dtype), (x.shape[1],), eps=eps)
     y = normed * weight.to(dtype)[group]
@@ -32,4 +34,4 @@ def group_layer_norm_reference(
         y = y + bias.to(dtype)[group]
     if gate is not None:
         y = y * gate.to(dtype)
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)

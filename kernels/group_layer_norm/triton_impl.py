@@ -46,7 +46,7 @@ def _rowsum(x):
 
 
 @triton.jit
-def _gln_fwd(X, GROUP, W, B, GATE, Y, MEAN, RSTD, n_rows, d, eps,
+def _gln_fwd(X, GROUP, W, B, GATE, Y, MEAN, RSTD, n_rows, d, eps, GATE_S,
              HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -66,14 +66,14 @@ def _gln_fwd(X, GROUP, W, B, GATE, Y, MEAN, RSTD, n_rows, d, eps,
     if HAS_BIAS:
         y += tl.load(B + g[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     if HAS_GATE:
-        y *= tl.load(GATE + rows64[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        y *= tl.load(GATE + rows64[:, None] * GATE_S + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(Y + rows64[:, None] * d + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
     tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
-def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, n_rows, d,
+def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, n_rows, d, GATE_S,
              N_GROUPS: tl.constexpr, TILES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -97,7 +97,8 @@ def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, n_
             if HAS_BIAS:
                 normed += tl.load(B + tl.maximum(g, 0)[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             tl.store(DGATE + offs, (dy * normed).to(DGATE.dtype.element_ty), mask=ok)
-            dy = dy * tl.load(GATE + offs, mask=ok, other=0.0).to(tl.float32)
+            goffs = rows.to(tl.int64)[:, None] * GATE_S + cols[None, :]
+            dy = dy * tl.load(GATE + goffs, mask=ok, other=0.0).to(tl.float32)
         wdy = w * dy
         c1 = _rowsum(xhat * wdy) / d
         c2 = _rowsum(wdy) / d
@@ -135,19 +136,19 @@ def _tiles_per_program(x: torch.Tensor, n_tiles: int) -> int:
 
 class _GroupLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, weight, bias, eps, gate):
+    def forward(ctx, x, group, weight, bias, eps, gate, out_dtype):
         n, d = x.shape
         x, group, weight_c = x.contiguous(), group.contiguous(), weight.contiguous()
         bias_c = bias.contiguous() if bias is not None else None
-        gate_c = gate.contiguous() if gate is not None else None
-        y = torch.empty_like(x)
+        gate_c = _rows(gate) if gate is not None else None  # a column slice is read in place (row stride)
+        y = torch.empty(n, d, dtype=out_dtype or x.dtype, device=x.device)
         mean = torch.empty(n, dtype=torch.float32, device=x.device)
         rstd = torch.empty(n, dtype=torch.float32, device=x.device)
         block_n, block_d, warps = _blocks(d)
         if n:
             _gln_fwd[(triton.cdiv(n, block_n),)](
                 x, group, weight_c, _or(bias_c, weight_c), _or(gate_c, x), y, mean, rstd, n, d, eps,
-                HAS_BIAS=bias_c is not None, HAS_GATE=gate_c is not None,
+                _stride(gate_c), HAS_BIAS=bias_c is not None, HAS_GATE=gate_c is not None,
                 BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
             )
         ctx.save_for_backward(x, group, weight_c, bias_c, gate_c, mean, rstd)
@@ -161,7 +162,7 @@ class _GroupLayerNorm(torch.autograd.Function):
         n_groups = weight.shape[0]
         dy = dy.contiguous()
         dx = torch.empty_like(x)
-        dgate = torch.empty_like(gate) if gate is not None else None
+        dgate = torch.empty(n, d, dtype=gate.dtype, device=x.device) if gate is not None else None
         block_n, block_d, warps = _blocks(d)
         n_tiles = triton.cdiv(n, block_n)
         tiles = _tiles_per_program(x, n_tiles)
@@ -172,12 +173,22 @@ class _GroupLayerNorm(torch.autograd.Function):
             index_fix()  # the tile's group range bounds a loop
             _gln_bwd[(programs,)](
                 x, group, weight, _or(bias, weight), _or(gate, x), dy, mean, rstd, dx, _or(dgate, dx),
-                part_w, part_b, n, d, N_GROUPS=n_groups, TILES=tiles, HAS_BIAS=bias is not None,
+                part_w, part_b, n, d, _stride(gate), N_GROUPS=n_groups, TILES=tiles, HAS_BIAS=bias is not None,
                 HAS_GATE=gate is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
             )
         dw = part_w.sum(0).to(ctx.dtypes[0])
         db = part_b.sum(0).to(ctx.dtypes[1]) if bias is not None else None
-        return dx, None, dw, db, None, dgate
+        return dx, None, dw, db, None, dgate, None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [N, d] if its columns are contiguous (any row stride, e.g. a column slice), else a contiguous copy."""
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
+def _stride(t: torch.Tensor | None) -> int:
+    """Row stride of an optional [N, d] input (0 when absent)."""
+    return 0 if t is None else t.stride(0)
 
 
 def _or(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
@@ -192,11 +203,13 @@ def group_layer_norm_triton(
     bias: torch.Tensor | None,
     eps: float,
     gate: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``x [N, d]``, ``group [N]`` int64, ``weight``/``bias [G, d]``, ``gate [N, d]`` or None -> ``[N, d]``
-    in ``x``'s dtype: ``GLN(x)``, times ``gate`` when given (one kernel each way).
+    in ``out_dtype`` (default ``x``'s): ``GLN(x)``, times ``gate`` when given (one kernel each way). The
+    gate may be a column slice of a wider tensor: it is read in place.
 
     Inputs already validated by :func:`recfm.kernels.group_layer_norm.group_layer_norm`. Runs on CUDA,
     or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
     """
-    return _GroupLayerNorm.apply(x, group, weight, bias, float(eps), gate)
+    return _GroupLayerNorm.apply(x, group, weight, bias, float(eps), gate, out_dtype)
