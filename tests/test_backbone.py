@@ -257,14 +257,16 @@ def test_triton_kernels_match_reference_in_a_hybrid_backbone(autocast):
     and target layers, forward and backward. Under bf16 autocast ``x_hat`` is written in bf16 and read by the
     projection as it is; the reference casts a float32 copy, so the two agree to bf16 rounding."""
     pytest.importorskip("triton")
-    batch = make_batch(standard_samples(), dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch = {k: v.to(device) if torch.is_tensor(v) else v
+             for k, v in make_batch(standard_samples(), dtype=torch.float32).items()}
     kwargs = {k: v for k, v in batch.items() if k != "x"}
     results = {}
     for impl in ("reference", "triton"):
         config = BackboneConfig(layer=layer_config(impl=impl), num_blocks=1, target_layers_per_block=1)
-        model = randomise(Backbone(config), 4)
+        model = randomise(Backbone(config), 4).to(device)
         x = batch["x"].clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             out = model(x, **kwargs)
         out.float().pow(2).sum().backward()
         results[impl] = [out.float(), x.grad, *(p.grad for p in model.parameters())]
