@@ -220,7 +220,9 @@ def test_toeplitz_position_tiles(mode, kinds, monkeypatch):
     # tiles whose rows and columns sit at their own event positions read the position bias from the
     # Toeplitz layout built per call (triton_meta.toeplitz_tables), in the kernels of TOEP_KINDS (or in every
     # kernel: the code path all of them carry): it matches the reference, the layout is really read
-    # (corrupting it changes the result), and turning it off gives the per-score loads' result
+    # (corrupting it changes the result), and turning it off gives the per-score loads' result. dK/dV reads
+    # them when the forward left no bias cache (off here; test_bias_cache covers the cache)
+    monkeypatch.setattr(triton_impl, "BIAS_CACHE", False)
     if kinds == "every kernel":
         monkeypatch.setattr(triton_impl, "TOEP_KINDS", ("fwd", "dq", "dq_inline", "band", "dkdv"))
     q, k, v, offsets, types, stamps = tile_path_batch()
@@ -242,6 +244,57 @@ def test_toeplitz_position_tiles(mode, kinds, monkeypatch):
     monkeypatch.setattr(triton_impl, "toeplitz_tables", real)
     monkeypatch.setattr(triton_impl, "TOEP_MAX_HALF", -1)  # every tile gathers per score
     assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["causal", "mixed"])
+@pytest.mark.parametrize("targets", [False, True])
+def test_bias_cache(mode, targets, monkeypatch):
+    # with a table and a backward to come, the forward stores every visited tile's bias and dK/dV reads it
+    # instead of recomputing it: the result matches the reference and the recomputing kernels; the cache is
+    # really read (corrupting it between forward and backward changes dK and dV, not the output or dQ); it is
+    # not written without a backward or beyond BIAS_CACHE_MAX_BYTES
+    q, k, v, offsets, types, stamps = tile_path_batch()
+    kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
+              time_bucket_base=2.0)
+    if targets:
+        kw["query_index"] = query_rows("targets" if mode == "mixed" else "spread", types, 3)
+        q = q[: kw["query_index"].numel()]
+    tabs = (table(2, 9, 49), table(2, 32, 50))
+    caches = []
+    real_cache = triton_impl._Plan.cache_bias
+
+    def spy(plan, *args):
+        real_cache(plan, *args)
+        caches.append(plan.bias_cache)
+
+    monkeypatch.setattr(triton_impl._Plan, "cache_bias", spy)
+    want = forward_backward("reference", q, k, v, offsets, *tabs, **kw)
+    got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    assert caches[-1] is not None and caches[-1].shape[:2] == (2, q.shape[0])
+    assert_close_rel(got, want, TOL[torch.float32])
+    monkeypatch.setattr(triton_impl, "BIAS_CACHE", False)
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
+    assert caches[-1] is None
+    monkeypatch.setattr(triton_impl, "BIAS_CACHE", True)
+    monkeypatch.setattr(triton_impl, "BIAS_CACHE_MAX_BYTES", 0)
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
+    assert caches[-1] is None
+    monkeypatch.setattr(triton_impl, "BIAS_CACHE_MAX_BYTES", 2 << 30)
+    with torch.no_grad():
+        hstu_attention(q, k, v, offsets, pos_bias=tabs[0], time_bias=tabs[1], impl="triton", **kw)
+    assert caches[-1] is None
+    real_launch = triton_impl.launch
+
+    def corrupting(kind, *args):
+        if kind == "dkdv":
+            args[3][-3].add_(1.0)  # the cache (kernel argument BIAS), just before dK/dV reads it
+        real_launch(kind, *args)
+
+    monkeypatch.setattr(triton_impl, "launch", corrupting)
+    bad = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    assert torch.equal(bad[0], got[0]) and torch.equal(bad[1], got[1])
+    for i in (2, 3):
+        assert (bad[i] - got[i]).norm() > 0.01 * got[i].norm()
 
 
 def test_qkv_read_in_place_from_a_wider_projection():

@@ -41,11 +41,12 @@ from recfm.kernels.hstu_attention.triton_common import (
 
 @triton.jit
 def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V, VIS, TT, POS,
-              PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha,
+              PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, BIAS, rows, row_ok, BS,
               P_HALF, NUM_TB, inv_log2_base, KS: tl.constexpr, VS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
               MASKED: tl.constexpr, MASK_MODE: tl.constexpr, COUNT: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr):
+              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
+              BIAS_OUT: tl.constexpr):
     cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, start_n, MASKED and MASK_MODE == 2, HAS_TIME,
                                                HAS_POS, BLOCK_N)
     k = load_rows(K, cols, col_ok, KS, D_QK, BLOCK_DQK)
@@ -58,7 +59,19 @@ def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq
     toep, x0 = False, 0
     if TOEP:
         toep, x0 = toeplitz_args(qid, tile_ident(KEXT, kc0, kc1, start_n, BLOCK_N), start_m, start_n, P_HALF, False)
-    if FAST:  # silu(s) = h + h tanh(h) with h = s / 2: one multiply, one MUFU tanh, one FMA per score
+    if BIAS_OUT:  # the tile's bias, kept for the dK/dV kernel (triton_impl: the bias cache)
+        bias = add_bias(tl.zeros_like(raw), ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi,
+                        b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_LANES,
+                        toep, x0, False, TOEP)
+        tl.store(BIAS + rows[:, None] * BS + cols[None, :], bias.to(BIAS.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+        s = raw * alpha + bias
+        if FAST:
+            h = 0.5 * s
+            a = h + h * tanh_approx(h)
+        else:
+            a, _ = silu_parts(s, False)
+    elif FAST:  # silu(s) = h + h tanh(h) with h = s / 2: one multiply, one MUFU tanh, one FMA per score
         if HAS_POS or HAS_TIME:
             h = 0.5 * add_bias(raw * alpha, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi,
                                b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME,
@@ -84,15 +97,18 @@ def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq
 @triton.jit
 def hstu_fwd_kernel(
     Q, K, V, O, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT, QCH,
-    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY,
+    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS, BHS,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BIAS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """Q ``[N_q, H, D_QK]`` (rows grouped by sample, QOFF ``[B+1]``), K ``[N, H/GROUP, D_QK]``,
     V ``[N, H/GROUP, D_V]``, O ``[N_q, H, D_V]``; heads packed within a row, Q/K/V rows ``QS``/``KS``/``VS``
-    elements apart (views of a wider projection read in place), O contiguous. LEN_KEY only keys the autotuner."""
+    elements apart (views of a wider projection read in place), O contiguous. LEN_KEY only keys the autotuner.
+    With ``BIAS_OUT`` the bias of every visited tile is stored into ``BIAS [H, N_q, BS]`` (head stride ``BHS``;
+    row: query row, column: key position in the sample) for the dK/dV kernel."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     pid = tl.program_id(2)
@@ -120,6 +136,8 @@ def hstu_fwd_kernel(
     POS += seq_start
     PTAB += g * ptab_stride
     TTAB += g * ttab_stride
+    if BIAS_OUT:
+        BIAS += g * BHS + q_start * BS
     kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, HAS_POS or HAS_TIME)
     for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
         rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
@@ -138,18 +156,18 @@ def hstu_fwd_kernel(
         cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
         for start_n in range(0, free_end, BLOCK_N):
             acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, m * BLOCK_M, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
-                                 start_n, alpha, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, False, MASK_MODE,
-                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP)
+                                 start_n, alpha, BIAS, rows, row_ok, BS, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, False, MASK_MODE,
+                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_OUT)
         for start_n in range(free_end, masked_end, BLOCK_N):
             acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, m * BLOCK_M, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
-                                 start_n, alpha, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, True, MASK_MODE,
-                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP)
+                                 start_n, alpha, BIAS, rows, row_ok, BS, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, True, MASK_MODE,
+                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_OUT)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
                 acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, m * BLOCK_M, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1,
-                                     L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, True,
+                                     L, start_n, alpha, BIAS, rows, row_ok, BS, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, True,
                                      MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
-                                     BLOCK_DV, TB_LANES, TOEP)
+                                     BLOCK_DV, TB_LANES, TOEP, BIAS_OUT)
         if NORM == 0:
             acc = acc * (1.0 / L.to(tl.float32))
         elif NORM == 1:

@@ -48,6 +48,13 @@ LANE_TABLE_MAX = 32  # time tables up to this size are read by warp shuffles (tr
 LANE_KINDS = ("fwd", "dq", "dq_inline", "band")
 
 
+# The bias cache: with a table and a backward to come, the forward kernel stores the bias of every tile it
+# visits, and the dK/dV kernel reads it instead of recomputing spans, buckets and table reads (docs/kernels.md).
+# [h, N_q, max_len] in the tables' dtype; not kept beyond this size per call (the kernels then recompute).
+BIAS_CACHE = True
+BIAS_CACHE_MAX_BYTES = 2 << 30
+
+
 def lanes_hold_time_table(num_tb: int) -> bool:
     """``TB_LANES`` of the kernels: near the diagonal, read the time table by warp shuffles (one register per
     lane, :func:`.triton_common.lane_lookup`) instead of a global load per score. Needs a GPU (PTX; the
@@ -89,21 +96,47 @@ class _Plan:
             BLOCK_DV=max(16, triton.next_power_of_2(self.d_v)),
         )
         self.toep = pos_bias is not None and query_index is None and half <= TOEP_MAX_HALF
+        self.bias_cache: torch.Tensor | None = None  # set by the forward when it writes one (:meth:`cache_bias`)
         self.keys_norm = norm is Normaliser.KEYS
         # 16-bit inputs read the bias tables in their dtype: a 2-byte gather is a plain cached load, while a
         # 4-byte one is turned by Triton's software pipeliner into per-element asynchronous copies through
         # shared memory, which made every bias table cost ~5x the attention itself (H100, docs/kernels.md)
         self.table_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
+    def cache_bias(self, q: torch.Tensor, num_q: int, backward: bool) -> None:
+        """Allocate the bias cache (:data:`BIAS_CACHE`) when a table is on, a backward will read it and it fits
+        :data:`BIAS_CACHE_MAX_BYTES`: ``[h, N_q, BS]``, ``BS`` = ``max_len`` rounded up to 16 bytes."""
+        if not (BIAS_CACHE and backward and (self.meta["HAS_POS"] or self.meta["HAS_TIME"])):
+            return
+        size = torch.empty((), dtype=self.table_dtype).element_size()
+        row = -(-max(self.max_len, 1) * size // 16) * 16 // size
+        if self.num_heads * num_q * row * size <= BIAS_CACHE_MAX_BYTES:
+            self.bias_cache = torch.empty(self.num_heads, num_q, row, dtype=self.table_dtype, device=q.device)
+
+    def bias_args(self, kind: str) -> tuple:
+        """``(BIAS, BS, BHS)`` of the forward and dK/dV kernels: the cache, its row and head strides."""
+        c = self.bias_cache
+        if c is None or kind not in ("fwd", "dkdv"):
+            return self.dummy_f, 0, 0
+        return c, c.stride(1), c.stride(0)
+
     def uses_toep(self, kind: str) -> bool:
         """Whether kernel ``kind`` reads Toeplitz position tiles (:data:`TOEP_KINDS`). The band kernel adds to
-        the dQ kernel's gradient buffer, laid out like the table that kernel reads, so it follows ``dq``."""
+        the dQ kernel's gradient buffer, laid out like the table that kernel reads, so it follows ``dq``. dK/dV
+        with the bias cache reads no table."""
+        if kind == "dkdv" and self.bias_cache is not None:
+            return False
         return self.toep and ("dq" if kind == "band" else kind) in TOEP_KINDS
 
     def kernel_meta(self, kind: str) -> dict:
         """The compile-time flags of kernel ``kind``: ``TOEP`` per :meth:`uses_toep`, ``TB_LANES`` only where
-        :data:`LANE_KINDS` has it."""
-        return {**self.meta, "TOEP": self.uses_toep(kind), "TB_LANES": self.meta["TB_LANES"] and kind in LANE_KINDS}
+        :data:`LANE_KINDS` has it, the bias cache's ``BIAS_OUT`` (forward) and ``BIAS_IN`` (dK/dV)."""
+        meta = {**self.meta, "TOEP": self.uses_toep(kind), "TB_LANES": self.meta["TB_LANES"] and kind in LANE_KINDS}
+        if kind == "fwd":
+            meta["BIAS_OUT"] = self.bias_cache is not None
+        elif kind == "dkdv":
+            meta["BIAS_IN"] = self.bias_cache is not None
+        return meta
 
     def pos_width(self, kind: str) -> int:
         """Columns per head of the position table as kernel ``kind`` reads it (and of the gradient buffer the
@@ -157,7 +190,8 @@ class _HSTUAttention(torch.autograd.Function):
         invn = (torch.empty(q.shape[0], dtype=torch.float32, device=q.device) if plan.keys_norm else plan.dummy_f)
         if q.shape[0] and plan.num_samples:
             launch("fwd", plan.max_len, plan.num_samples, plan.num_heads,
-                   (q_sorted, k, v, out, *plan.tail(invn, pos_bias, time_bias, "fwd")), plan.kernel_meta("fwd"))
+                   (q_sorted, k, v, out, *plan.tail(invn, pos_bias, time_bias, "fwd"), *plan.bias_args("fwd")),
+                   plan.kernel_meta("fwd"))
         ctx.save_for_backward(q_sorted, k, v, pos_bias, time_bias, invn)
         ctx.plan = plan
         return _unsort(out, plan.order)
@@ -183,8 +217,9 @@ class _HSTUAttention(torch.autograd.Function):
                  else plan.dummy_f.clone())
         if q_sorted.shape[0] and plan.num_samples:
             launch("dkdv", plan.max_len, plan.num_samples, plan.num_heads // plan.group,
-                   (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv")),
+                   (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv"), *plan.bias_args("dkdv")),
                    plan.kernel_meta("dkdv"))
+            plan.bias_cache = None  # read once: freed with the backward's temporaries
             args = (q_sorted, k, v, do, dq, dpos, dtime, *plan.tail(invn, pos_bias, time_bias, kind))
             launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.kernel_meta(kind), **grads})
             if split:  # the table gradients of the cells dq leaves out
@@ -242,4 +277,6 @@ def hstu_attention_triton(
     check_triton_inputs(q, v.shape[2])
     plan = _Plan(q, k, v, offsets, max_len, token_type, timestamps, MaskMode(mask_mode), pos_bias, time_bias,
                  float(time_bucket_base), float(alpha), Normaliser(normaliser), query_index)
+    inputs = [t for t in (q, k, v, pos_bias, time_bias) if t is not None]
+    plan.cache_bias(q, q.shape[0], torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
     return _HSTUAttention.apply(q, k, v, pos_bias, time_bias, plan)
