@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from recfm.kernels.hstu_attention.triton_common import (
+    FAR,
     add_bias,
     allowed_tile,
     dot,
@@ -29,11 +30,13 @@ from recfm.kernels.hstu_attention.triton_common import (
     bias_spans,
     chunk_ranges,
     load_rows,
+    pos_bucket,
     query_tile,
     silu_parts,
     store_rows,
     tanh_approx,
     tile_ident,
+    time_bucket,
     tile_span,
     toeplitz_args,
 )
@@ -46,26 +49,22 @@ def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq
               MASKED: tl.constexpr, MASK_MODE: tl.constexpr, COUNT: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-              BIAS_OUT: tl.constexpr):
-    cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, start_n, MASKED and MASK_MODE == 2, HAS_TIME,
-                                               HAS_POS, BLOCK_N)
+              BIAS_IN: tl.constexpr):
+    cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, start_n, MASKED and MASK_MODE == 2,
+                                               HAS_TIME and not BIAS_IN, HAS_POS and not BIAS_IN, BLOCK_N)
     k = load_rows(K, cols, col_ok, KS, D_QK, BLOCK_DQK)
     raw = dot(q, tl.trans(k), None, DOT_PREC)
     d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
-    if HAS_POS or HAS_TIME:
+    if (HAS_POS or HAS_TIME) and not BIAS_IN:
         evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, start_n, BLOCK_N, HAS_POS, HAS_TIME)
         d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
                                             NUM_TB, inv_log2_base, HAS_TIME)
     toep, x0 = False, 0
     if TOEP:
         toep, x0 = toeplitz_args(qid, tile_ident(KEXT, kc0, kc1, start_n, BLOCK_N), start_m, start_n, P_HALF, False)
-    if BIAS_OUT:  # the tile's bias, kept for the dK/dV kernel (triton_impl: the bias cache)
-        bias = add_bias(tl.zeros_like(raw), ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi,
-                        b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_LANES,
-                        toep, x0, False, TOEP)
-        tl.store(BIAS + rows[:, None] * BS + cols[None, :], bias.to(BIAS.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
-        s = raw * alpha + bias
+    if BIAS_IN:  # the bias cache (hstu_bias_kernel): one 2D load, no spans, buckets or table reads
+        s = raw * alpha + tl.load(BIAS + rows[:, None] * BS + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                                  other=0.0).to(tl.float32)
         if FAST:
             h = 0.5 * s
             a = h + h * tanh_approx(h)
@@ -101,14 +100,14 @@ def hstu_fwd_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-    BIAS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BIAS_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     """Q ``[N_q, H, D_QK]`` (rows grouped by sample, QOFF ``[B+1]``), K ``[N, H/GROUP, D_QK]``,
     V ``[N, H/GROUP, D_V]``, O ``[N_q, H, D_V]``; heads packed within a row, Q/K/V rows ``QS``/``KS``/``VS``
     elements apart (views of a wider projection read in place), O contiguous. LEN_KEY only keys the autotuner.
-    With ``BIAS_OUT`` the bias of every visited tile is stored into ``BIAS [H, N_q, BS]`` (head stride ``BHS``;
-    row: query row, column: key position in the sample) for the dK/dV kernel."""
+    With ``BIAS_IN`` the bias is read from ``BIAS [H, N_q, BS]`` (head stride ``BHS``; row: query row, column:
+    key position in the sample) as :func:`hstu_bias_kernel` wrote it."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     pid = tl.program_id(2)
@@ -136,16 +135,16 @@ def hstu_fwd_kernel(
     POS += seq_start
     PTAB += g * ptab_stride
     TTAB += g * ttab_stride
-    if BIAS_OUT:
+    if BIAS_IN:
         BIAS += g * BHS + q_start * BS
-    kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, HAS_POS or HAS_TIME)
+    kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, (HAS_POS or HAS_TIME) and not BIAS_IN)
     for m in range(n_prog - 1 - pid, tl.cdiv(q_len, BLOCK_M), n_prog):
         rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
-            QTOK, TYPE, VIS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
-            HAS_POS, BLOCK_M)
+            QTOK, TYPE, VIS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2,
+            HAS_TIME and not BIAS_IN, HAS_POS and not BIAS_IN, BLOCK_M)
         q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
         evq_lo, evq_hi, ttq_lo, ttq_hi = 0, 0, 0, 0
-        if HAS_POS or HAS_TIME:
+        if (HAS_POS or HAS_TIME) and not BIAS_IN:
             evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, m * BLOCK_M, BLOCK_M, HAS_POS, HAS_TIME)
         qid = 0
         if TOEP:
@@ -157,17 +156,17 @@ def hstu_fwd_kernel(
         for start_n in range(0, free_end, BLOCK_N):
             acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, m * BLOCK_M, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
                                  start_n, alpha, BIAS, rows, row_ok, BS, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, False, MASK_MODE,
-                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_OUT)
+                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN)
         for start_n in range(free_end, masked_end, BLOCK_N):
             acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, m * BLOCK_M, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
                                  start_n, alpha, BIAS, rows, row_ok, BS, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, True, MASK_MODE,
-                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_OUT)
+                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
                 acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, m * BLOCK_M, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1,
                                      L, start_n, alpha, BIAS, rows, row_ok, BS, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, True,
                                      MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
-                                     BLOCK_DV, TB_LANES, TOEP, BIAS_OUT)
+                                     BLOCK_DV, TB_LANES, TOEP, BIAS_IN)
         if NORM == 0:
             acc = acc * (1.0 / L.to(tl.float32))
         elif NORM == 1:
@@ -183,3 +182,59 @@ def hstu_fwd_kernel(
         else:
             acc = acc * norm_const
         store_rows(O, rows, row_ok, acc, H * D_V, D_V, BLOCK_DV)
+
+
+@triton.jit
+def hstu_bias_kernel(
+    OFF, QOFF, QTOK, TYPE, TT, POS, PTAB, TTAB, TBND, STATS, BIAS, ptab_stride, ttab_stride, P_HALF, NUM_TB,
+    inv_log2_base: tl.constexpr, BS, BHS, H: tl.constexpr, MASK_MODE: tl.constexpr, HAS_QIDX: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The bias cache: ``BIAS[g, q_start + i, j] = pos_table[g, bucket] + time_table[g, bucket]`` for query row ``i``
+    and key ``j`` of every sample and query head (fp32 sum, stored in the tables' dtype). Grid ``(B,
+    cdiv(max_len, BLOCK_M), cdiv(max_len, BLOCK_N))``; a tile past the sample, or one whose keys no query of its
+    rows may see, is skipped (causal: keys after the last query; mixed: keys from the rows' bound of
+    :func:`.triton_common.key_ranges` on, except the rows' own positions). The buckets are computed once per pair
+    for all heads; the attention kernels then read the bias as one 2D load per tile."""
+    b = tl.program_id(0)
+    m = tl.program_id(1)
+    n = tl.program_id(2)
+    seq_start = tl.load(OFF + b)
+    L = (tl.load(OFF + b + 1) - seq_start).to(tl.int32)
+    if HAS_QIDX:
+        q_start = tl.load(QOFF + b)
+        q_len = (tl.load(QOFF + b + 1) - q_start).to(tl.int32)
+    else:
+        q_start = seq_start
+        q_len = L
+    rows, row_ok, pos_q, type_q, _, tt_q, ev_q = query_tile(QTOK + q_start, TYPE + seq_start, TT, TT + seq_start,
+                                                            POS + seq_start, seq_start, q_len, m * BLOCK_M, HAS_QIDX,
+                                                            MASK_MODE == 2, False, HAS_TIME, HAS_POS, BLOCK_M)
+    k0 = n * BLOCK_N
+    first = tl.min(tl.where(row_ok, pos_q, FAR), axis=0)
+    last = tl.max(tl.where(row_ok, pos_q, -1), axis=0)
+    if MASK_MODE == 0:
+        visible = last >= 0
+    elif MASK_MODE == 1:
+        visible = k0 <= last
+    else:
+        non_h = tl.max(tl.where(row_ok & (type_q != 0), 1, 0), axis=0)
+        bound = tl.where(non_h > 0, tl.load(STATS + b * 3 + 2), tl.load(STATS + b * 3 + 1))
+        visible = (k0 < bound) | ((k0 <= last) & (k0 + BLOCK_N > first))
+    if (k0 < L) & visible:
+        cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < L
+        out = BIAS + q_start * BS + rows[:, None] * BS + cols[None, :]
+        if HAS_POS:
+            ev_k = tl.load(POS + seq_start + cols, mask=col_ok, other=0)
+            pb = pos_bucket(ev_q[:, None], ev_k[None, :], P_HALF)
+        if HAS_TIME:
+            tt_k = tl.load(TT + seq_start + cols, mask=col_ok, other=0)
+            tb = time_bucket(tt_q[:, None], tt_k[None, :], TBND, NUM_TB, inv_log2_base)
+        for g in tl.static_range(H):
+            bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_POS:
+                bias += tl.load(PTAB + g * ptab_stride + pb).to(tl.float32)
+            if HAS_TIME:
+                bias += tl.load(TTAB + g * ttab_stride + tb).to(tl.float32)
+            tl.store(out + g * BHS, bias.to(BIAS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

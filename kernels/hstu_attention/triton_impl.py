@@ -24,6 +24,7 @@ from recfm.errors import RecfmError
 from recfm.foundation.model.mask import MaskMode
 from recfm.kernels.hstu_attention.reference import Normaliser
 from recfm.kernels.hstu_attention import triton_launch
+from recfm.kernels.hstu_attention.triton_fwd import hstu_bias_kernel
 from recfm.kernels.hstu_attention.triton_launch import interpreting, launch
 from recfm.kernels.hstu_attention.triton_meta import TOEP_MAX_HALF, toeplitz_tables, toeplitz_width, token_metadata
 
@@ -48,9 +49,10 @@ LANE_TABLE_MAX = 32  # time tables up to this size are read by warp shuffles (tr
 LANE_KINDS = ("fwd", "dq", "dq_inline", "band")
 
 
-# The bias cache: with a table and a backward to come, the forward kernel stores the bias of every tile it
-# visits, and the dK/dV kernel reads it instead of recomputing spans, buckets and table reads (docs/kernels.md).
-# [h, N_q, max_len] in the tables' dtype; not kept beyond this size per call (the kernels then recompute).
+# The bias cache: with a table and a backward to come, one kernel (triton_fwd.hstu_bias_kernel) writes the bias
+# of every pair a query may see, once for all heads' buckets, and the forward and dK/dV kernels read it as one
+# 2D load per tile instead of spans, buckets and table reads per score (docs/kernels.md). [h, N_q, max_len] in
+# the tables' dtype; not made beyond this size per call (the kernels then compute the bias themselves).
 BIAS_CACHE = True
 BIAS_CACHE_MAX_BYTES = 2 << 30
 
@@ -122,21 +124,36 @@ class _Plan:
 
     def uses_toep(self, kind: str) -> bool:
         """Whether kernel ``kind`` reads Toeplitz position tiles (:data:`TOEP_KINDS`). The band kernel adds to
-        the dQ kernel's gradient buffer, laid out like the table that kernel reads, so it follows ``dq``. dK/dV
-        with the bias cache reads no table."""
-        if kind == "dkdv" and self.bias_cache is not None:
+        the dQ kernel's gradient buffer, laid out like the table that kernel reads, so it follows ``dq``. The
+        forward and dK/dV read no table when there is a bias cache."""
+        if kind in ("fwd", "dkdv") and self.bias_cache is not None:
             return False
         return self.toep and ("dq" if kind == "band" else kind) in TOEP_KINDS
 
     def kernel_meta(self, kind: str) -> dict:
         """The compile-time flags of kernel ``kind``: ``TOEP`` per :meth:`uses_toep`, ``TB_LANES`` only where
-        :data:`LANE_KINDS` has it, the bias cache's ``BIAS_OUT`` (forward) and ``BIAS_IN`` (dK/dV)."""
+        :data:`LANE_KINDS` has it, ``BIAS_IN`` (forward and dK/dV: read the bias cache)."""
         meta = {**self.meta, "TOEP": self.uses_toep(kind), "TB_LANES": self.meta["TB_LANES"] and kind in LANE_KINDS}
-        if kind == "fwd":
-            meta["BIAS_OUT"] = self.bias_cache is not None
-        elif kind == "dkdv":
+        if kind in ("fwd", "dkdv"):
             meta["BIAS_IN"] = self.bias_cache is not None
         return meta
+
+    def write_bias(self, pos_bias, time_bias) -> None:
+        """Fill the bias cache (:func:`.triton_fwd.hstu_bias_kernel`), before the forward kernel reads it."""
+        c, t = self.bias_cache, self.tokens
+        block = 16 if interpreting() else 64
+        grid = (self.num_samples, triton.cdiv(self.max_len, block), triton.cdiv(self.max_len, block))
+        ptab = pos_bias.to(self.table_dtype).contiguous() if pos_bias is not None else self.dummy_f
+        ttab = time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f
+        pos_stride, time_stride = self.table_strides(pos_bias, time_bias, "fwd")
+        alpha, norm_const, half, num_tb, inv_log2_base, _ = self.scalars
+        meta = self.meta
+        hstu_bias_kernel[grid](
+            t.offsets, t.qoff, t.qtok, t.token_type, t.seconds, t.positions, ptab, ttab, t.bounds, t.stats, c,
+            pos_stride, time_stride, half,
+            num_tb, inv_log2_base, c.stride(1), c.stride(0), H=self.num_heads, MASK_MODE=meta["MASK_MODE"],
+            HAS_QIDX=meta["HAS_QIDX"], HAS_POS=meta["HAS_POS"], HAS_TIME=meta["HAS_TIME"], BLOCK_M=block,
+            BLOCK_N=block, num_warps=4)
 
     def pos_width(self, kind: str) -> int:
         """Columns per head of the position table as kernel ``kind`` reads it (and of the gradient buffer the
@@ -189,6 +206,8 @@ class _HSTUAttention(torch.autograd.Function):
         out = q.new_empty(q.shape[0], plan.num_heads, plan.d_v)
         invn = (torch.empty(q.shape[0], dtype=torch.float32, device=q.device) if plan.keys_norm else plan.dummy_f)
         if q.shape[0] and plan.num_samples:
+            if plan.bias_cache is not None:
+                plan.write_bias(pos_bias, time_bias)
             launch("fwd", plan.max_len, plan.num_samples, plan.num_heads,
                    (q_sorted, k, v, out, *plan.tail(invn, pos_bias, time_bias, "fwd"), *plan.bias_args("fwd")),
                    plan.kernel_meta("fwd"))

@@ -30,7 +30,7 @@ SUPER = 128  # the table-gradient grid on a GPU: at least every BLOCK_M / BLOCK_
 SPLIT_FROM_LEN = 2048  # from this max_len on, table gradients split between dq and band (else dq_inline)
 TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not worth the compile time)
 KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
-       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_OUT", "BIAS_IN"]
+       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN"]
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
