@@ -249,10 +249,10 @@ def test_toeplitz_position_tiles(mode, kinds, monkeypatch):
 @pytest.mark.parametrize("mode", ["causal", "mixed"])
 @pytest.mark.parametrize("targets", [False, True])
 def test_bias_cache(mode, targets, monkeypatch):
-    # with a table and a backward to come, the forward stores every visited tile's bias and dK/dV reads it
-    # instead of recomputing it: the result matches the reference and the recomputing kernels; the cache is
-    # really read (corrupting it between forward and backward changes dK and dV, not the output or dQ); it is
-    # not written without a backward or beyond BIAS_CACHE_MAX_BYTES
+    # with a table and a backward to come, one kernel writes the bias of every pair a query may see and the
+    # attention kernels read it instead of computing it: the result matches the reference and the computing
+    # kernels; the backward really reads it (corrupting it between forward and backward changes dQ, dK and dV,
+    # not the output); it is not written without a backward or beyond BIAS_CACHE_MAX_BYTES
     q, k, v, offsets, types, stamps = tile_path_batch()
     kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
               time_bucket_base=2.0)
@@ -292,8 +292,8 @@ def test_bias_cache(mode, targets, monkeypatch):
 
     monkeypatch.setattr(triton_impl, "launch", corrupting)
     bad = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
-    assert torch.equal(bad[0], got[0]) and torch.equal(bad[1], got[1])
-    for i in (2, 3):
+    assert torch.equal(bad[0], got[0])
+    for i in (1, 2, 3):
         assert (bad[i] - got[i]).norm() > 0.01 * got[i].norm()
 
 
@@ -361,8 +361,10 @@ def test_position_gradient_of_target_rows(grid, monkeypatch):
                      forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
 
 
-def test_stride_loops_cover_samples_longer_than_the_grid():
-    # max_len only sizes the grid: with validate=False and a too-small max_len every tile is still computed
+def test_stride_loops_cover_samples_longer_than_the_grid(monkeypatch):
+    # the kernels' stride loops: with validate=False and a too-small max_len every tile is still computed. (The
+    # bias cache, which is max_len wide, needs max_len >= every sample length, as the API states: off here.)
+    monkeypatch.setattr(triton_impl, "BIAS_CACHE", False)
     q, k, v, offsets, types, stamps = make_batch([40, 3, 33], 2, 1, seed=38)
     kw = dict(token_type=types, timestamps=stamps, mask_mode="causal", pos_bias=table(2, 9, 39))
     want = forward_backward("reference", q, k, v, offsets, kw.pop("pos_bias"), None, max_len=40, **kw)

@@ -81,7 +81,8 @@ def hstu_attention(
         k: ``[N, h_kv, d_qk]`` keys, same dtype as ``q``.
         v: ``[N, h_kv, d_v]`` values, same dtype as ``q``.
         offsets: ``[B+1]`` int64, ``0 = offsets[0] <= ... <= offsets[B] = N``.
-        max_len: host int, the longest sample (``>=`` every sample length).
+        max_len: host int, the longest sample (``>=`` every sample length: ``validate`` checks it; the Triton
+            path sizes its grid and its bias cache by it).
         token_type: ``[N]`` integer :class:`~recfm.scenarios.spec.TokenType`; needed by the ``mixed`` mask.
             When given it also sets the event positions of the position bias (a target's position is the
             number of events it sees; see recfm.foundation.model.bias).

@@ -116,27 +116,25 @@ class _Plan:
             self.bias_cache = torch.empty(self.num_heads, num_q, row, dtype=self.table_dtype, device=q.device)
 
     def bias_args(self, kind: str) -> tuple:
-        """``(BIAS, BS, BHS)`` of the forward and dK/dV kernels: the cache, its row and head strides."""
+        """``(BIAS, BS, BHS)`` of every kernel: the cache, its row and head strides (placeholders without one)."""
         c = self.bias_cache
-        if c is None or kind not in ("fwd", "dkdv"):
+        if c is None:
             return self.dummy_f, 0, 0
         return c, c.stride(1), c.stride(0)
 
     def uses_toep(self, kind: str) -> bool:
         """Whether kernel ``kind`` reads Toeplitz position tiles (:data:`TOEP_KINDS`). The band kernel adds to
-        the dQ kernel's gradient buffer, laid out like the table that kernel reads, so it follows ``dq``. The
-        forward and dK/dV read no table when there is a bias cache."""
-        if kind in ("fwd", "dkdv") and self.bias_cache is not None:
+        the dQ kernel's gradient buffer, laid out like the table that kernel reads, so it follows ``dq``. No
+        kernel reads the position table when there is a bias cache."""
+        if self.bias_cache is not None:
             return False
         return self.toep and ("dq" if kind == "band" else kind) in TOEP_KINDS
 
     def kernel_meta(self, kind: str) -> dict:
         """The compile-time flags of kernel ``kind``: ``TOEP`` per :meth:`uses_toep`, ``TB_LANES`` only where
-        :data:`LANE_KINDS` has it, ``BIAS_IN`` (forward and dK/dV: read the bias cache)."""
-        meta = {**self.meta, "TOEP": self.uses_toep(kind), "TB_LANES": self.meta["TB_LANES"] and kind in LANE_KINDS}
-        if kind in ("fwd", "dkdv"):
-            meta["BIAS_IN"] = self.bias_cache is not None
-        return meta
+        :data:`LANE_KINDS` has it, ``BIAS_IN`` (read the bias cache)."""
+        return {**self.meta, "TOEP": self.uses_toep(kind), "TB_LANES": self.meta["TB_LANES"] and kind in LANE_KINDS,
+                "BIAS_IN": self.bias_cache is not None}
 
     def write_bias(self, pos_bias, time_bias) -> None:
         """Fill the bias cache (:func:`.triton_fwd.hstu_bias_kernel`), before the forward kernel reads it."""
@@ -238,12 +236,13 @@ class _HSTUAttention(torch.autograd.Function):
             launch("dkdv", plan.max_len, plan.num_samples, plan.num_heads // plan.group,
                    (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv"), *plan.bias_args("dkdv")),
                    plan.kernel_meta("dkdv"))
-            plan.bias_cache = None  # read once: freed with the backward's temporaries
-            args = (q_sorted, k, v, do, dq, dpos, dtime, *plan.tail(invn, pos_bias, time_bias, kind))
+            args = (q_sorted, k, v, do, dq, dpos, dtime, *plan.tail(invn, pos_bias, time_bias, kind),
+                    *plan.bias_args(kind))
             launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.kernel_meta(kind), **grads})
             if split:  # the table gradients of the cells dq leaves out
                 launch("band", plan.max_len, plan.num_samples, plan.num_heads, args,
                        {**plan.kernel_meta("band"), **grads})
+        plan.bias_cache = None  # read by this backward: freed with its temporaries
         grad_pos = (dpos[:, :plan.pos_shape[1]].to(pos_bias.dtype) if pos_bias is not None and ctx.needs_input_grad[3]
                     else None)
         grad_time = dtime.to(time_bias.dtype) if time_bias is not None and ctx.needs_input_grad[4] else None

@@ -154,7 +154,9 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
         _KERNELS[kind][grid](*args, **meta, **tiles)
         return
     block_d = max(meta["BLOCK_DQK"], meta["BLOCK_DV"])
-    heavy = bool(meta["HAS_POS"] or meta["HAS_TIME"]) and not meta.get("BIAS_IN")  # dK/dV on the cache: light
+    # a kernel that reads the bias cache and computes no table gradient tunes over the configs without tables
+    grads = meta.get("POS_GRAD") or meta.get("TIME_GRAD")
+    heavy = bool(meta["HAS_POS"] or meta["HAS_TIME"]) and not (meta.get("BIAS_IN") and not grads)
     if kind in _PINNED or grid_rows < TUNE_FROM_LEN or _UNTUNED:
         if kind in _PINNED:
             cfg = _PINNED[kind]
