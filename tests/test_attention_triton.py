@@ -252,7 +252,8 @@ def test_bias_cache(mode, targets, monkeypatch):
     # with a table and a backward to come, one kernel writes the bias of every pair a query may see and the
     # attention kernels read it instead of computing it: the result matches the reference and the computing
     # kernels; the backward really reads it (corrupting it between forward and backward changes dQ, dK and dV,
-    # not the output); it is not written without a backward or beyond BIAS_CACHE_MAX_BYTES
+    # not the output); it is not written without a backward, beyond BIAS_CACHE_MAX_BYTES or from
+    # BIAS_CACHE_MAX_LEN on
     q, k, v, offsets, types, stamps = tile_path_batch()
     kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
               time_bucket_base=2.0)
@@ -280,6 +281,10 @@ def test_bias_cache(mode, targets, monkeypatch):
     assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
     assert caches[-1] is None
     monkeypatch.setattr(triton_impl, "BIAS_CACHE_MAX_BYTES", 2 << 30)
+    monkeypatch.setattr(triton_impl, "BIAS_CACHE_MAX_LEN", 64)  # max_len 64 here
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
+    assert caches[-1] is None
+    monkeypatch.setattr(triton_impl, "BIAS_CACHE_MAX_LEN", 65)
     with torch.no_grad():
         hstu_attention(q, k, v, offsets, pos_bias=tabs[0], time_bias=tabs[1], impl="triton", **kw)
     assert caches[-1] is None

@@ -52,9 +52,12 @@ LANE_KINDS = ("fwd", "dq", "dq_inline", "band")
 # The bias cache: with a table and a backward to come, one kernel (triton_fwd.hstu_bias_kernel) writes the bias
 # of every pair a query may see, once for all heads' buckets, and the forward and dK/dV kernels read it as one
 # 2D load per tile instead of spans, buckets and table reads per score (docs/kernels.md). [h, N_q, max_len] in
-# the tables' dtype; not made beyond this size per call (the kernels then compute the bias themselves).
+# the tables' dtype, kept until the backward. Made only below BIAS_CACHE_MAX_LEN, where it was measured to pay
+# (H100: the medium step's attention 1.11x at max_len ~1,150; none at L 4096, where dQ splits its work with the
+# band kernel) and up to BIAS_CACHE_MAX_BYTES per call; otherwise the kernels compute the bias themselves.
 BIAS_CACHE = True
-BIAS_CACHE_MAX_BYTES = 2 << 30
+BIAS_CACHE_MAX_LEN = 2048
+BIAS_CACHE_MAX_BYTES = 1 << 30
 
 
 def lanes_hold_time_table(num_tb: int) -> bool:
@@ -107,8 +110,10 @@ class _Plan:
 
     def cache_bias(self, q: torch.Tensor, num_q: int, backward: bool) -> None:
         """Allocate the bias cache (:data:`BIAS_CACHE`) when a table is on, a backward will read it and it fits
-        :data:`BIAS_CACHE_MAX_BYTES`: ``[h, N_q, BS]``, ``BS`` = ``max_len`` rounded up to 16 bytes."""
-        if not (BIAS_CACHE and backward and (self.meta["HAS_POS"] or self.meta["HAS_TIME"])):
+        :data:`BIAS_CACHE_MAX_BYTES` below :data:`BIAS_CACHE_MAX_LEN`: ``[h, N_q, BS]``, ``BS`` = ``max_len``
+        rounded up to 16 bytes."""
+        tables = self.meta["HAS_POS"] or self.meta["HAS_TIME"]
+        if not (BIAS_CACHE and backward and tables and self.max_len < BIAS_CACHE_MAX_LEN):
             return
         size = torch.empty((), dtype=self.table_dtype).element_size()
         row = -(-max(self.max_len, 1) * size // 16) * 16 // size
