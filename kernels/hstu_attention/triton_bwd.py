@@ -37,6 +37,7 @@ from recfm.kernels.hstu_attention.triton_common import (
     load_rows,
     query_ranges,
     query_tile,
+    sample_extent,
     silu_parts,
     spans_flat,
     store_rows,
@@ -115,14 +116,7 @@ def hstu_dkdv_kernel(
     pid = tl.program_id(2)
     n_prog = tl.num_programs(2)
     H_KV: tl.constexpr = H // GROUP
-    seq_start = tl.load(OFF + b)
-    L = (tl.load(OFF + b + 1) - seq_start).to(tl.int32)
-    if HAS_QIDX:
-        q_start = tl.load(QOFF + b)
-        q_len = (tl.load(QOFF + b + 1) - q_start).to(tl.int32)
-    else:
-        q_start = seq_start
-        q_len = L
+    seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
     K += seq_start * KS + kv_h * D_QK
     V += seq_start * VS + kv_h * D_V
     DK += seq_start * (H_KV * D_QK) + kv_h * D_QK
@@ -319,14 +313,7 @@ def _dq_program(
     g = tl.program_id(1)
     pid = tl.program_id(2)
     n_prog = tl.num_programs(2)
-    seq_start = tl.load(OFF + b)
-    L = (tl.load(OFF + b + 1) - seq_start).to(tl.int32)
-    if HAS_QIDX:
-        q_start = tl.load(QOFF + b)
-        q_len = (tl.load(QOFF + b + 1) - q_start).to(tl.int32)
-    else:
-        q_start = seq_start
-        q_len = L
+    seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
     kv_h = g // GROUP
     Q += q_start * QS + g * D_QK
     DQ += q_start * (H * D_QK) + g * D_QK

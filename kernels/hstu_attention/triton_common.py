@@ -114,6 +114,21 @@ def time_bucket(tt_q, tt_k, TBND, NUM_TB, inv_log2_base):
 
 
 @triton.jit
+def sample_extent(OFF, QOFF, b, HAS_QIDX: tl.constexpr):
+    """``(seq_start, L, q_start, q_len)`` of sample ``b``: its first token and length, its first query row and
+    query count (the tokens themselves without target-only queries). Starts int64, lengths int32."""
+    seq_start = tl.load(OFF + b)
+    L = (tl.load(OFF + b + 1) - seq_start).to(tl.int32)
+    if HAS_QIDX:
+        q_start = tl.load(QOFF + b)
+        q_len = (tl.load(QOFF + b + 1) - q_start).to(tl.int32)
+    else:
+        q_start = seq_start
+        q_len = L
+    return seq_start, L, q_start, q_len
+
+
+@triton.jit
 def chunk_ranges(KCH, QCH, b, NEED: tl.constexpr):
     """Sample ``b``'s chunk range among the key and the query chunk extremes (``[first, end)`` each; zeros
     when no bias table needs them)."""

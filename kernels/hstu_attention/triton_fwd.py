@@ -27,12 +27,15 @@ from recfm.kernels.hstu_attention.triton_common import (
     dot,
     key_ranges,
     key_tile,
+    lane_lookup,
     bias_spans,
     chunk_ranges,
     load_rows,
     pos_bucket,
     query_tile,
+    sample_extent,
     silu_parts,
+    spans_flat,
     store_rows,
     tanh_approx,
     tile_ident,
@@ -113,14 +116,7 @@ def hstu_fwd_kernel(
     pid = tl.program_id(2)
     n_prog = tl.num_programs(2)
     COUNT: tl.constexpr = NORM == 1 and MASK_MODE == 2
-    seq_start = tl.load(OFF + b)
-    L = (tl.load(OFF + b + 1) - seq_start).to(tl.int32)
-    if HAS_QIDX:
-        q_start = tl.load(QOFF + b)
-        q_len = (tl.load(QOFF + b + 1) - q_start).to(tl.int32)
-    else:
-        q_start = seq_start
-        q_len = L
+    seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
     kv_h = g // GROUP
     # base pointers of this sample / head: tile offsets below are int32
     Q += q_start * QS + g * D_QK
@@ -186,27 +182,24 @@ def hstu_fwd_kernel(
 
 @triton.jit
 def hstu_bias_kernel(
-    OFF, QOFF, QTOK, TYPE, TT, POS, PTAB, TTAB, TBND, STATS, BIAS, ptab_stride, ttab_stride, P_HALF, NUM_TB,
-    inv_log2_base: tl.constexpr, BS, BHS, H: tl.constexpr, MASK_MODE: tl.constexpr, HAS_QIDX: tl.constexpr,
-    HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    OFF, QOFF, QTOK, TYPE, TT, POS, PTAB, TTAB, TBND, STATS, KEXT, KCH, QEXT, QCH, BIAS, ptab_stride, ttab_stride,
+    P_HALF, NUM_TB, inv_log2_base: tl.constexpr, BS, BHS, H: tl.constexpr, MASK_MODE: tl.constexpr,
+    HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, TB_LANES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The bias cache: ``BIAS[g, q_start + i, j] = pos_table[g, bucket] + time_table[g, bucket]`` for query row ``i``
     and key ``j`` of every sample and query head (fp32 sum, stored in the tables' dtype). Grid ``(B,
     cdiv(max_len, BLOCK_M), cdiv(max_len, BLOCK_N))``; a tile past the sample, or one whose keys no query of its
     rows may see, is skipped (causal: keys after the last query; mixed: keys from the rows' bound of
-    :func:`.triton_common.key_ranges` on, except the rows' own positions). The buckets are computed once per pair
-    for all heads; the attention kernels then read the bias as one 2D load per tile."""
+    :func:`.triton_common.key_ranges` on, except the rows' own positions). A tile whose spans are flat (past the
+    position clamp, within one time bucket or across one boundary: most tiles away from the diagonal) takes
+    :func:`.triton_common.add_bias`'s scalar or two-way select per head; the others compute each pair's buckets
+    once for all heads, and read the time table by warp shuffles where ``TB_LANES``. The attention kernels
+    then read the bias as one 2D load per tile."""
     b = tl.program_id(0)
     m = tl.program_id(1)
     n = tl.program_id(2)
-    seq_start = tl.load(OFF + b)
-    L = (tl.load(OFF + b + 1) - seq_start).to(tl.int32)
-    if HAS_QIDX:
-        q_start = tl.load(QOFF + b)
-        q_len = (tl.load(QOFF + b + 1) - q_start).to(tl.int32)
-    else:
-        q_start = seq_start
-        q_len = L
+    seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
     rows, row_ok, pos_q, type_q, _, tt_q, ev_q = query_tile(QTOK + q_start, TYPE + seq_start, TT, TT + seq_start,
                                                             POS + seq_start, seq_start, q_len, m * BLOCK_M, HAS_QIDX,
                                                             MASK_MODE == 2, False, HAS_TIME, HAS_POS, BLOCK_M)
@@ -222,19 +215,34 @@ def hstu_bias_kernel(
         bound = tl.where(non_h > 0, tl.load(STATS + b * 3 + 2), tl.load(STATS + b * 3 + 1))
         visible = (k0 < bound) | ((k0 <= last) & (k0 + BLOCK_N > first))
     if (k0 < L) & visible:
-        cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < L
+        cols, col_ok, _, tt_k, ev_k = key_tile(TT, TT + seq_start, POS + seq_start, L, k0, False, HAS_TIME, HAS_POS,
+                                               BLOCK_N)
         out = BIAS + q_start * BS + rows[:, None] * BS + cols[None, :]
-        if HAS_POS:
-            ev_k = tl.load(POS + seq_start + cols, mask=col_ok, other=0)
-            pb = pos_bucket(ev_q[:, None], ev_k[None, :], P_HALF)
-        if HAS_TIME:
-            tt_k = tl.load(TT + seq_start + cols, mask=col_ok, other=0)
-            tb = time_bucket(tt_q[:, None], tt_k[None, :], TBND, NUM_TB, inv_log2_base)
-        for g in tl.static_range(H):
-            bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        store_ok = row_ok[:, None] & col_ok[None, :]
+        kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, True)
+        evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, m * BLOCK_M, BLOCK_M, HAS_POS, HAS_TIME)
+        evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, k0, BLOCK_N, HAS_POS, HAS_TIME)
+        d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
+                                            NUM_TB, inv_log2_base, HAS_TIME)
+        if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
+            for g in tl.static_range(H):
+                bias = add_bias(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), ev_q[:, None], ev_k[None, :],
+                                tt_q[:, None], tt_k[None, :], d_lo, d_hi, b_lo, b_hi, PTAB + g * ptab_stride,
+                                TTAB + g * ttab_stride, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, False,
+                                False, 0, False, False)
+                tl.store(out + g * BHS, bias.to(BIAS.dtype.element_ty), mask=store_ok)
+        else:
             if HAS_POS:
-                bias += tl.load(PTAB + g * ptab_stride + pb).to(tl.float32)
+                pb = pos_bucket(ev_q[:, None], ev_k[None, :], P_HALF)
             if HAS_TIME:
-                bias += tl.load(TTAB + g * ttab_stride + tb).to(tl.float32)
-            tl.store(out + g * BHS, bias.to(BIAS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+                tb = time_bucket(tt_q[:, None], tt_k[None, :], TBND, NUM_TB, inv_log2_base)
+            for g in tl.static_range(H):
+                bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                if HAS_POS:
+                    bias += tl.load(PTAB + g * ptab_stride + pb).to(tl.float32)
+                if HAS_TIME:
+                    if TB_LANES:
+                        bias += lane_lookup(TTAB + g * ttab_stride, tb, NUM_TB)
+                    else:
+                        bias += tl.load(TTAB + g * ttab_stride + tb).to(tl.float32)
+                tl.store(out + g * BHS, bias.to(BIAS.dtype.element_ty), mask=store_ok)

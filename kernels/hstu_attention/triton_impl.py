@@ -152,10 +152,11 @@ class _Plan:
         alpha, norm_const, half, num_tb, inv_log2_base, _ = self.scalars
         meta = self.meta
         hstu_bias_kernel[grid](
-            t.offsets, t.qoff, t.qtok, t.token_type, t.seconds, t.positions, ptab, ttab, t.bounds, t.stats, c,
-            pos_stride, time_stride, half,
+            t.offsets, t.qoff, t.qtok, t.token_type, t.seconds, t.positions, ptab, ttab, t.bounds, t.stats, t.kext,
+            t.kchunks, t.qext, t.qchunks, c, pos_stride, time_stride, half,
             num_tb, inv_log2_base, c.stride(1), c.stride(0), H=self.num_heads, MASK_MODE=meta["MASK_MODE"],
-            HAS_QIDX=meta["HAS_QIDX"], HAS_POS=meta["HAS_POS"], HAS_TIME=meta["HAS_TIME"], BLOCK_M=block,
+            HAS_QIDX=meta["HAS_QIDX"], HAS_POS=meta["HAS_POS"], HAS_TIME=meta["HAS_TIME"],
+            TB_LANES=meta["TB_LANES"], BLOCK_M=block,
             BLOCK_N=block, num_warps=4)
 
     def pos_width(self, kind: str) -> int:
