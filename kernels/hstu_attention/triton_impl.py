@@ -50,7 +50,7 @@ LANE_KINDS = ("fwd", "dq", "dq_inline", "band")
 
 
 # The bias cache: with a table and a backward to come, one kernel (triton_fwd.hstu_bias_kernel) writes the bias
-# of every pair a query may see, once for all heads' buckets, and the forward and dK/dV kernels read it as one
+# of every pair a query may see, once for all heads' buckets, and the forward, dQ and dK/dV kernels read it as one
 # 2D load per tile instead of spans, buckets and table reads per score (docs/kernels.md). [h, N_q, max_len] in
 # the tables' dtype, kept until the backward. Made only below BIAS_CACHE_MAX_LEN, where it was measured to pay
 # (H100: the medium step's attention 1.11x at max_len ~1,150; none at L 4096, where dQ splits its work with the
@@ -101,7 +101,7 @@ class _Plan:
             BLOCK_DV=max(16, triton.next_power_of_2(self.d_v)),
         )
         self.toep = pos_bias is not None and query_index is None and half <= TOEP_MAX_HALF
-        self.bias_cache: torch.Tensor | None = None  # set by the forward when it writes one (:meth:`cache_bias`)
+        self.bias_cache: torch.Tensor | None = None  # :meth:`cache_bias`; dropped at the end of the backward
         self.keys_norm = norm is Normaliser.KEYS
         # 16-bit inputs read the bias tables in their dtype: a 2-byte gather is a plain cached load, while a
         # 4-byte one is turned by Triton's software pipeliner into per-element asynchronous copies through
@@ -120,7 +120,7 @@ class _Plan:
         if self.num_heads * num_q * row * size <= BIAS_CACHE_MAX_BYTES:
             self.bias_cache = torch.empty(self.num_heads, num_q, row, dtype=self.table_dtype, device=q.device)
 
-    def bias_args(self, kind: str) -> tuple:
+    def bias_args(self) -> tuple:
         """``(BIAS, BS, BHS)`` of every kernel: the cache, its row and head strides (placeholders without one)."""
         c = self.bias_cache
         if c is None:
@@ -149,15 +149,12 @@ class _Plan:
         ptab = pos_bias.to(self.table_dtype).contiguous() if pos_bias is not None else self.dummy_f
         ttab = time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f
         pos_stride, time_stride = self.table_strides(pos_bias, time_bias, "fwd")
-        alpha, norm_const, half, num_tb, inv_log2_base, _ = self.scalars
-        meta = self.meta
+        _, _, half, num_tb, inv_log2_base, _ = self.scalars
+        flags = {name: self.meta[name] for name in ("MASK_MODE", "HAS_QIDX", "HAS_POS", "HAS_TIME", "TB_LANES")}
         hstu_bias_kernel[grid](
             t.offsets, t.qoff, t.qtok, t.token_type, t.seconds, t.positions, ptab, ttab, t.bounds, t.stats, t.kext,
-            t.kchunks, t.qext, t.qchunks, c, pos_stride, time_stride, half,
-            num_tb, inv_log2_base, c.stride(1), c.stride(0), H=self.num_heads, MASK_MODE=meta["MASK_MODE"],
-            HAS_QIDX=meta["HAS_QIDX"], HAS_POS=meta["HAS_POS"], HAS_TIME=meta["HAS_TIME"],
-            TB_LANES=meta["TB_LANES"], BLOCK_M=block,
-            BLOCK_N=block, num_warps=4)
+            t.kchunks, t.qext, t.qchunks, c, pos_stride, time_stride, half, num_tb, inv_log2_base, c.stride(1),
+            c.stride(0), H=self.num_heads, **flags, BLOCK_M=block, BLOCK_N=block, num_warps=4)
 
     def pos_width(self, kind: str) -> int:
         """Columns per head of the position table as kernel ``kind`` reads it (and of the gradient buffer the
@@ -213,7 +210,7 @@ class _HSTUAttention(torch.autograd.Function):
             if plan.bias_cache is not None:
                 plan.write_bias(pos_bias, time_bias)
             launch("fwd", plan.max_len, plan.num_samples, plan.num_heads,
-                   (q_sorted, k, v, out, *plan.tail(invn, pos_bias, time_bias, "fwd"), *plan.bias_args("fwd")),
+                   (q_sorted, k, v, out, *plan.tail(invn, pos_bias, time_bias, "fwd"), *plan.bias_args()),
                    plan.kernel_meta("fwd"))
         ctx.save_for_backward(q_sorted, k, v, pos_bias, time_bias, invn)
         ctx.plan = plan
@@ -240,10 +237,10 @@ class _HSTUAttention(torch.autograd.Function):
                  else plan.dummy_f.clone())
         if q_sorted.shape[0] and plan.num_samples:
             launch("dkdv", plan.max_len, plan.num_samples, plan.num_heads // plan.group,
-                   (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv"), *plan.bias_args("dkdv")),
+                   (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv"), *plan.bias_args()),
                    plan.kernel_meta("dkdv"))
             args = (q_sorted, k, v, do, dq, dpos, dtime, *plan.tail(invn, pos_bias, time_bias, kind),
-                    *plan.bias_args(kind))
+                    *plan.bias_args())
             launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.kernel_meta(kind), **grads})
             if split:  # the table gradients of the cells dq leaves out
                 launch("band", plan.max_len, plan.num_samples, plan.num_heads, args,
