@@ -22,10 +22,11 @@ INLINE_64 = dict(INLINE, dq_inline=(64, 32, 8, 2))
 D256_OLD = dict(fwd=(128, 64, 8, 2), dq=(64, 64, 8, 2), dkdv=(32, 64, 8, 2))  # d 256 first configs before 52ffb8d
 D256 = dict(fwd=(128, 64, 8, 2), dq=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # d 256 first configs since
 # the medium training step's picks (3 x 256, max_len ~1150: one dQ pass), bench/train_step.py's JSON
-STEP = dict(fwd=(128, 32, 8, 2), dq=(64, 64, 8, 2), dq_inline=(32, 32, 4, 2), dkdv=(32, 64, 8, 2))
+STEP = dict(fwd=(128, 32, 8, 2), dq=(64, 64, 8, 2), dq_inline=(32, 32, 4, 2), dkdv=(32, 64, 8, 2),
+            dq_ds=(64, 64, 8, 2))
 STEP_PLAIN = dict(fwd=(128, 32, 8, 3), dq=(128, 32, 8, 3), dkdv=(32, 64, 8, 3))
 STEP_SPLIT = dict(STEP, band=(32, 32, 4, 2))
-KINDS = ("fwd", "dq", "band", "dkdv")
+KINDS = ("fwd", "bias", "dq", "band", "dkdv")
 ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band[, frozen tables])
     ("no tables, light blocks", "mixed-nobias", LIGHT, True),
     ("position table", "mixed-pos", HEAVY, True),
@@ -45,7 +46,17 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: both tables, frozen", "medium", STEP, False, True),
     ("step d256: both tables, split", "medium", STEP_SPLIT, True),
     ("step d256: both tables, dQ 64x32", "medium", dict(STEP, dq_inline=(64, 32, 8, 2)), False),
+    # dQ reading dS from the bias cache (dq_ds) at other block sizes
+    ("step d256: both tables, dQ on dS 128x32", "medium", dict(STEP, dq_ds=(128, 32, 8, 2)), False),
+    ("step d256: both tables, dQ on dS 64x32", "medium", dict(STEP, dq_ds=(64, 32, 4, 2)), False),
 ]
+
+
+def known(pins: dict) -> dict:
+    """The pins of the kernel kinds the installed launcher has (the bench also runs against older commits)."""
+    from recfm.kernels.hstu_attention import triton_launch
+
+    return {kind: cfg for kind, cfg in pins.items() if kind in triton_launch._KERNELS}
 
 
 def profile_row(variant: str, pins: dict, steps: int, length: int, tokens: int, frozen: bool = False) -> dict:
@@ -65,7 +76,7 @@ def profile_row(variant: str, pins: dict, steps: int, length: int, tokens: int, 
                 batch["kw"][name] = batch["kw"][name].detach()
     fn = attention_fn("triton", batch)
     q, k, v = (batch[name].detach().clone().requires_grad_() for name in ("q", "k", "v"))
-    with pinned(**pins):
+    with pinned(**known(pins)):
         grad = torch.randn_like(fn(q, k, v).detach())
         for _ in range(4):  # compile and warm up
             fn(q, k, v).backward(grad)
@@ -89,7 +100,7 @@ def check_row(variant: str, pins: dict) -> float:
     h, h_kv, d, mask, tables = VARIANTS[variant]
     if not tables and "-" not in mask:
         mask += "-nobias"  # the check's batch without tables, like the row's
-    with pinned(**pins):
+    with pinned(**known(pins)):
         return check_config(h, h_kv, d, mask, "cuda", torch.bfloat16, smoke=False)
 
 

@@ -252,8 +252,9 @@ def test_bias_cache(mode, targets, monkeypatch):
     # with a table and a backward to come, one kernel writes the bias of every pair a query may see and the
     # attention kernels read it instead of computing it: the result matches the reference and the computing
     # kernels; the backward really reads it (corrupting it between forward and backward changes dQ, dK and dV,
-    # not the output); it is not written without a backward, beyond BIAS_CACHE_MAX_BYTES or from
-    # BIAS_CACHE_MAX_LEN on
+    # not the output); dK/dV leaves dS in it, which dQ and the table gradients read (corrupting it between dK/dV
+    # and dQ changes those, not dK or dV); pairs no kernel writes (NaN here) are never read; it is not written
+    # without a backward, beyond BIAS_CACHE_MAX_BYTES or from BIAS_CACHE_MAX_LEN on
     q, k, v, offsets, types, stamps = tile_path_batch()
     kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
               time_bucket_base=2.0)
@@ -266,6 +267,8 @@ def test_bias_cache(mode, targets, monkeypatch):
 
     def spy(plan, *args):
         real_cache(plan, *args)
+        if plan.bias_cache is not None:
+            plan.bias_cache.fill_(float("nan"))
         caches.append(plan.bias_cache)
 
     monkeypatch.setattr(triton_impl._Plan, "cache_bias", spy)
@@ -299,6 +302,18 @@ def test_bias_cache(mode, targets, monkeypatch):
     bad = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
     assert torch.equal(bad[0], got[0])
     for i in (1, 2, 3):
+        assert (bad[i] - got[i]).norm() > 0.01 * got[i].norm()
+
+    def corrupting_ds(kind, *args):
+        if kind == "dq_ds":
+            args[3][-3].add_(1.0)  # dS as dK/dV left it, just before dQ reads it
+        real_launch(kind, *args)
+
+    monkeypatch.setattr(triton_impl, "launch", corrupting_ds)
+    bad = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    for i in (0, 2, 3):
+        assert torch.equal(bad[i], got[i])
+    for i in (1, 4, 5):
         assert (bad[i] - got[i]).norm() > 0.01 * got[i].norm()
 
 
