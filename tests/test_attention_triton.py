@@ -107,6 +107,20 @@ CASES = {
 LENGTHS = [0, 17, 1, 40, 5, 16]
 
 
+@pytest.fixture(autouse=True)
+def strict_kernel_flags(monkeypatch):
+    # the interpreter ignores a keyword argument its kernel does not have, where a GPU launch raises: every flag
+    # the launcher is given must be a parameter of that kind's kernel
+    real = triton_impl.launch
+
+    def checked(kind, grid_rows, num_samples, num_heads, args, meta):
+        unknown = set(meta) - set(triton_launch._KERNELS[kind].arg_names)
+        assert not unknown, (kind, sorted(unknown))
+        real(kind, grid_rows, num_samples, num_heads, args, meta)
+
+    monkeypatch.setattr(triton_impl, "launch", checked)
+
+
 def query_rows(kind, types, seed):
     if kind is None:
         return None

@@ -140,10 +140,9 @@ class _Plan:
         """The compile-time flags of kernel ``kind``: ``TOEP`` per :meth:`uses_toep`, ``TB_LANES`` only where
         :data:`LANE_KINDS` has it; with a bias cache, ``BIAS_IN`` (the forward and dK/dV read the bias; dK/dV
         leaves dS in its place) or ``DS_IN`` (the dQ-side kernels read that dS)."""
-        cached = self.bias_cache is not None
-        reads_ds = kind in ("dq", "dq_inline", "dq_ds", "band")
+        cache = {"DS_IN" if kind in ("dq", "dq_inline", "dq_ds", "band") else "BIAS_IN": self.bias_cache is not None}
         return {**self.meta, "TOEP": self.uses_toep(kind), "TB_LANES": self.meta["TB_LANES"] and kind in LANE_KINDS,
-                "BIAS_IN": cached and not reads_ds, "DS_IN": cached and reads_ds}
+                **cache}
 
     def write_bias(self, pos_bias, time_bias) -> None:
         """Fill the bias cache (:func:`.triton_fwd.hstu_bias_kernel`), before the forward kernel reads it."""
