@@ -49,6 +49,8 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     # dQ reading dS from the bias cache (dq_ds) at other block sizes
     ("step d256: both tables, dQ on dS 128x32", "medium", dict(STEP, dq_ds=(128, 32, 8, 2)), False),
     ("step d256: both tables, dQ on dS 64x32", "medium", dict(STEP, dq_ds=(64, 32, 4, 2)), False),
+    ("step d256: position table, dQ on dS 64x32", "medium-pos", dict(STEP, dq_ds=(64, 32, 4, 2)), False),
+    ("step d256: time table, dQ on dS 64x32", "medium-time", dict(STEP, dq_ds=(64, 32, 4, 2)), False),
 ]
 
 
