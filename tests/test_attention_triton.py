@@ -102,6 +102,9 @@ CASES = {
     # a table wider than every sample: no pair is clamped, so position-gradient tiles of consecutive event
     # positions take the diagonal-sum path of triton_common.pos_grad_add (tiles holding targets do not)
     "causal-widetable-keys": ("causal", "keys", 2, 2, True, (2, 129), None, None),
+    # the same in the mixed mask: history rows see later history too (negative diagonals of the sweep over the
+    # bias cache's dS, triton_common.pos_grad_diagonals), targets are not at their own event positions
+    "mixed-widetable-keys": ("mixed", "keys", 2, 2, True, (2, 129), (2, 32), None),
     "full-kv1-keys-rows": ("full", "keys", 2, 1, False, (1, 5), None, "random"),
 }
 LENGTHS = [0, 17, 1, 40, 5, 16]

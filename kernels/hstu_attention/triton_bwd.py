@@ -40,6 +40,7 @@ from recfm.kernels.hstu_attention.triton_common import (
     key_ranges,
     key_tile,
     load_rows,
+    pos_grad_diagonals,
     query_ranges,
     query_tile,
     sample_extent,
@@ -234,6 +235,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
     GRADS: tl.constexpr = POS_GRAD or TIME_GRAD
     SPANS: tl.constexpr = (HAS_POS or HAS_TIME) and (GRADS or not DS_IN)
     rows = start_m + tl.arange(0, BLOCK_M)
+    cols = start_n + tl.arange(0, BLOCK_N)
     flat = True
     if GRADS and not INLINE and not BAND:  # the SUPER x SUPER tile holding this one decides: dq adds its gradients
         sk_lo, sk_hi, skt_lo, skt_hi = tile_span(KEXT, kc0, kc1, (start_n // SUPER) * SUPER, SUPER, HAS_POS, HAS_TIME)
@@ -246,9 +248,9 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
             VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, DS, BS, KS,
             VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES,
             TOEP, SPANS, DS_IN)
-        pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
-                                           pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
-                                           FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
+        pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, pos_q, cols, d_lo, d_hi,
+                                           b_lo, b_hi, pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB,
+                                           inv_log2_base, FEW_BUCKETS, POS_GRAD, TIME_GRAD, False, BLOCK_M, BLOCK_N)
     else:
         ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
             q, do, inv_n, rows, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V,
@@ -262,9 +264,10 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
                     ds, tt_q[:, None], tt_k[None, :], d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
                     P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
             else:
-                pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
-                                                   pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
-                                                   FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
+                pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, pos_q, cols, d_lo,
+                                                   d_hi, b_lo, b_hi, pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB,
+                                                   inv_log2_base, FEW_BUCKETS, POS_GRAD, TIME_GRAD, DS_IN, BLOCK_M,
+                                                   BLOCK_N)
         elif GRADS:
             if flat:
                 pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
@@ -402,6 +405,9 @@ def _dq_program(
                 TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, DS, BS, KS, VS, D_QK, D_V,
                 True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
                 TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, DS_IN)
+        if DS_IN and POS_GRAD and INLINE:  # the band's pairs at their own event positions, by diagonals
+            pos_grad_diagonals(DPTAB, DS, BS, POS, VIS, rows, row_ok, pos_q, vis_q, ev_q, L,
+                               tl.maximum(masked_end, extra_hi), P_HALF, MASK_MODE, BLOCK_N)
         if not BAND:
             store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)
     if POS_GRAD:
