@@ -22,8 +22,7 @@ INLINE_64 = dict(INLINE, dq_inline=(64, 32, 8, 2))
 D256_OLD = dict(fwd=(128, 64, 8, 2), dq=(64, 64, 8, 2), dkdv=(32, 64, 8, 2))  # d 256 first configs before 52ffb8d
 D256 = dict(fwd=(128, 64, 8, 2), dq=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # d 256 first configs since
 # the medium training step's picks (3 x 256, max_len ~1150: one dQ pass), bench/train_step.py's JSON
-STEP = dict(fwd=(128, 32, 8, 2), dq=(64, 64, 8, 2), dq_inline=(32, 32, 4, 2), dkdv=(32, 64, 8, 2),
-            dq_ds=(64, 64, 8, 2))
+STEP = dict(fwd=(128, 32, 8, 2), dq=(64, 64, 8, 2), dq_inline=(32, 32, 4, 2), dkdv=(32, 64, 8, 2))
 STEP_PLAIN = dict(fwd=(128, 32, 8, 3), dq=(128, 32, 8, 3), dkdv=(32, 64, 8, 3))
 STEP_SPLIT = dict(STEP, band=(32, 32, 4, 2))
 KINDS = ("fwd", "bias", "dq", "band", "dkdv")
@@ -46,11 +45,6 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: both tables, frozen", "medium", STEP, False, True),
     ("step d256: both tables, split", "medium", STEP_SPLIT, True),
     ("step d256: both tables, dQ 64x32", "medium", dict(STEP, dq_inline=(64, 32, 8, 2)), False),
-    # dQ reading dS from the bias cache (dq_ds) at other block sizes
-    ("step d256: both tables, dQ on dS 128x32", "medium", dict(STEP, dq_ds=(128, 32, 8, 2)), False),
-    ("step d256: both tables, dQ on dS 64x32", "medium", dict(STEP, dq_ds=(64, 32, 4, 2)), False),
-    ("step d256: position table, dQ on dS 64x32", "medium-pos", dict(STEP, dq_ds=(64, 32, 4, 2)), False),
-    ("step d256: time table, dQ on dS 64x32", "medium-time", dict(STEP, dq_ds=(64, 32, 4, 2)), False),
 ]
 
 

@@ -102,8 +102,8 @@ CASES = {
     # a table wider than every sample: no pair is clamped, so position-gradient tiles of consecutive event
     # positions take the diagonal-sum path of triton_common.pos_grad_add (tiles holding targets do not)
     "causal-widetable-keys": ("causal", "keys", 2, 2, True, (2, 129), None, None),
-    # the same in the mixed mask: history rows see later history too (negative diagonals of the sweep over the
-    # bias cache's dS, triton_common.pos_grad_diagonals), targets are not at their own event positions
+    # the same in the mixed mask: history rows see later history too (negative offsets), targets do not sit at
+    # their own event positions
     "mixed-widetable-keys": ("mixed", "keys", 2, 2, True, (2, 129), (2, 32), None),
     "full-kv1-keys-rows": ("full", "keys", 2, 1, False, (1, 5), None, "random"),
 }
@@ -269,9 +269,8 @@ def test_bias_cache(mode, targets, monkeypatch):
     # with a table and a backward to come, one kernel writes the bias of every pair a query may see and the
     # attention kernels read it instead of computing it: the result matches the reference and the computing
     # kernels; the backward really reads it (corrupting it between forward and backward changes dQ, dK and dV,
-    # not the output); dK/dV leaves dS in it, which dQ and the table gradients read (corrupting it between dK/dV
-    # and dQ changes those, not dK or dV); pairs no kernel writes (NaN here) are never read; it is not written
-    # without a backward, beyond BIAS_CACHE_MAX_BYTES or from BIAS_CACHE_MAX_LEN on
+    # not the output); pairs the bias kernel does not write (NaN here) are never read; it is not written without
+    # a backward, beyond BIAS_CACHE_MAX_BYTES or from BIAS_CACHE_MAX_LEN on
     q, k, v, offsets, types, stamps = tile_path_batch()
     kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
               time_bucket_base=2.0)
@@ -319,18 +318,6 @@ def test_bias_cache(mode, targets, monkeypatch):
     bad = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
     assert torch.equal(bad[0], got[0])
     for i in (1, 2, 3):
-        assert (bad[i] - got[i]).norm() > 0.01 * got[i].norm()
-
-    def corrupting_ds(kind, *args):
-        if kind == "dq_ds":
-            args[3][-3].add_(1.0)  # dS as dK/dV left it, just before dQ reads it
-        real_launch(kind, *args)
-
-    monkeypatch.setattr(triton_impl, "launch", corrupting_ds)
-    bad = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
-    for i in (0, 2, 3):
-        assert torch.equal(bad[i], got[i])
-    for i in (1, 4, 5):
         assert (bad[i] - got[i]).norm() > 0.01 * got[i].norm()
 
 

@@ -14,11 +14,6 @@ With ``s = alpha q.k + bias``, ``w = silu(s) * M / n``, ``O = w @ v``::
 * :func:`hstu_dq_kernel` -- grid ``(B, h, cdiv(max_len, BLOCK_M))``: the forward's loop, accumulating dQ;
   the bias-table gradients are atomic adds into fp32 ``[rows, buckets]`` buffers (one atomic per tile when
   the whole tile falls in one bucket, as far from the diagonal or for large time gaps).
-
-With the bias cache (``triton_impl.BIAS_CACHE``) the dK/dV kernel runs first, reads each pair's bias from the
-cache and leaves the pair's ``dS`` in its place; the dQ kernel (``DS_IN``) then reads ``dS`` instead of
-recomputing it: one matmul per tile (``dS k``) instead of three, and no SiLU, bias or ``q``/``dO`` work. Its
-table gradients come from the same ``dS``, in the same pass.
 """
 
 from __future__ import annotations
@@ -40,7 +35,6 @@ from recfm.kernels.hstu_attention.triton_common import (
     key_ranges,
     key_tile,
     load_rows,
-    pos_grad_diagonals,
     query_ranges,
     query_tile,
     sample_extent,
@@ -101,11 +95,7 @@ def _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, tt
         dat = tl.where(ok, dat, 0.0)
     dv = dot(at.to(do.dtype), do, dv, DOT_PREC)
     dpt = dot(v, tl.trans(do), None, DOT_PREC)  # [BLOCK_N, BLOCK_M]
-    dst = (dpt * dat).to(q.dtype)
-    if BIAS_IN:  # dS takes the bias's place in the cache: the dQ kernel reads it there (DS_IN)
-        tl.store(BIAS + rows[None, :] * BS + cols[:, None], dst.to(BIAS.dtype.element_ty),
-                 mask=row_ok[None, :] & col_ok[:, None])
-    dk = dot(dst, q, dk, DOT_PREC)
+    dk = dot((dpt * dat).to(q.dtype), q, dk, DOT_PREC)
     return dk, dv
 
 
@@ -120,9 +110,7 @@ def hstu_dkdv_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     """DK ``[N, H/GROUP, D_QK]``, DV ``[N, H/GROUP, D_V]`` (input dtype); other tensors as the forward. With
-    ``BIAS_IN`` the bias is read from the cache ``BIAS`` (``[H, N_q, BS]``, as the bias kernel wrote it), not
-    recomputed, and each visited pair's ``dS`` (the input dtype, zero outside the mask) is written in its place
-    for :func:`hstu_dq_kernel` (``DS_IN``)."""
+    ``BIAS_IN`` the bias is read from ``BIAS`` as the forward stored it (``BIAS_OUT``), not recomputed."""
     b = tl.program_id(0)
     kv_h = tl.program_id(1)
     pid = tl.program_id(2)
@@ -182,38 +170,37 @@ def hstu_dkdv_kernel(
 
 
 @triton.jit
-def _ds_tile(q, do, inv_n, rows, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V,
-             VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, DS, BS,
+def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V, VIS, TT,
+             POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS,
              KS: tl.constexpr, VS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
              MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
              FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-             TB_LANES: tl.constexpr, TOEP: tl.constexpr, SPANS: tl.constexpr, DS_IN: tl.constexpr):
+             TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr):
     """``dS`` of one key tile ``[BLOCK_M, BLOCK_N]`` fp32 (zero where the mask or the sample end excludes a
-    pair), with the key tile and its bias spans (``SPANS``: for the bias and the table gradients). With
-    ``DS_IN`` it is read from ``DS`` as the dK/dV kernel left it (the bias cache), with no score work."""
+    pair), with the key tile and its bias spans."""
     cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, start_n, MASKED and MASK_MODE == 2, HAS_TIME,
                                                HAS_POS, BLOCK_N)
     k = load_rows(K, cols, col_ok, KS, D_QK, BLOCK_DQK)
+    v = load_rows(V, cols, col_ok, VS, D_V, BLOCK_DV)
+    s = dot(q, tl.trans(k), None, DOT_PREC) * alpha
     d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
-    if SPANS:
+    if HAS_POS or HAS_TIME:
         evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, start_n, BLOCK_N, HAS_POS, HAS_TIME)
         d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
                                             NUM_TB, inv_log2_base, HAS_TIME)
-    if DS_IN:  # pairs the dK/dV kernel did not visit hold stale bias: the mask below zeroes them
-        ds = tl.load(DS + rows[:, None] * BS + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+    toep, x0 = False, 0
+    if TOEP:
+        toep, x0 = toeplitz_args(qid, tile_ident(KEXT, kc0, kc1, start_n, BLOCK_N), start_m, start_n, P_HALF, False)
+    if BIAS_IN:  # the bias cache: one 2D load (spans and buckets above serve only the table gradients)
+        rows = start_m + tl.arange(0, q.shape[0])
+        s += tl.load(BIAS + rows[:, None] * BS + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                      other=0.0).to(tl.float32)
     else:
-        v = load_rows(V, cols, col_ok, VS, D_V, BLOCK_DV)
-        s = dot(q, tl.trans(k), None, DOT_PREC) * alpha
-        toep, x0 = False, 0
-        if TOEP:
-            toep, x0 = toeplitz_args(qid, tile_ident(KEXT, kc0, kc1, start_n, BLOCK_N), start_m, start_n, P_HALF,
-                                     False)
         s = add_bias(s, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi, b_lo, b_hi, PTAB,
                      TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_LANES, toep, x0, False, TOEP)
-        _, da = silu_parts(s, FAST)
-        dp = dot(do, tl.trans(v), None, DOT_PREC)
-        ds = dp * da * inv_n
+    _, da = silu_parts(s, FAST)
+    dp = dot(do, tl.trans(v), None, DOT_PREC)
+    ds = dp * da * inv_n
     if MASKED:
         ok = allowed_tile(MASK_MODE, vis_q[:, None], vis_k[None, :], pos_q[:, None], cols[None, :])
         ds = tl.where(ok, ds, 0.0)
@@ -223,19 +210,16 @@ def _ds_tile(q, do, inv_n, rows, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_h
 @triton.jit
 def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
              ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
-             DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, DS, BS, KS: tl.constexpr, VS: tl.constexpr,
+             DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS: tl.constexpr, VS: tl.constexpr,
              D_QK: tl.constexpr,
              D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
              TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr,
-             INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, DS_IN: tl.constexpr):
+             INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr):
     """One key tile of :func:`_dq_program`: ``dQ += dS k`` and the table gradients of flat super-tiles
     (``BAND`` false), or only the table gradients of the other super-tiles (``BAND`` true)."""
     GRADS: tl.constexpr = POS_GRAD or TIME_GRAD
-    SPANS: tl.constexpr = (HAS_POS or HAS_TIME) and (GRADS or not DS_IN)
-    rows = start_m + tl.arange(0, BLOCK_M)
-    cols = start_n + tl.arange(0, BLOCK_N)
     flat = True
     if GRADS and not INLINE and not BAND:  # the SUPER x SUPER tile holding this one decides: dq adds its gradients
         sk_lo, sk_hi, skt_lo, skt_hi = tile_span(KEXT, kc0, kc1, (start_n // SUPER) * SUPER, SUPER, HAS_POS, HAS_TIME)
@@ -244,19 +228,18 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
         flat = spans_flat(sd_lo, sd_hi, sb_lo, sb_hi, P_HALF, HAS_POS, HAS_TIME)
     if BAND:  # a tile of a cell that is not flat (_dq_range skips the flat ones)
         ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
-            q, do, inv_n, rows, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V,
-            VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, DS, BS, KS,
-            VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES,
-            TOEP, SPANS, DS_IN)
-        pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, pos_q, cols, d_lo, d_hi,
-                                           b_lo, b_hi, pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB,
-                                           inv_log2_base, FEW_BUCKETS, POS_GRAD, TIME_GRAD, False, BLOCK_M, BLOCK_N)
+            q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V, VIS,
+            TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS, VS,
+            D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP,
+            BIAS_IN)
+        pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
+                                           pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
+                                           FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
     else:
         ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
-            q, do, inv_n, rows, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V,
-            VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, DS, BS, KS,
-            VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES,
-            TOEP, SPANS, DS_IN)
+            q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V, VIS, TT,
+            POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS, VS, D_QK, D_V,
+            MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN)
         dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
         if GRADS and INLINE:  # every tile here, by its own spans
             if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
@@ -264,10 +247,9 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
                     ds, tt_q[:, None], tt_k[None, :], d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
                     P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
             else:
-                pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, pos_q, cols, d_lo,
-                                                   d_hi, b_lo, b_hi, pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB,
-                                                   inv_log2_base, FEW_BUCKETS, POS_GRAD, TIME_GRAD, DS_IN, BLOCK_M,
-                                                   BLOCK_N)
+                pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
+                                                   pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
+                                                   FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
         elif GRADS:
             if flat:
                 pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
@@ -279,14 +261,14 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
 @triton.jit
 def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q,
               evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND,
-              KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, DS, BS, KS: tl.constexpr,
+              KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS: tl.constexpr,
               VS: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr,
               HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr,
               POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr,
               SUPER: tl.constexpr, INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-              DS_IN: tl.constexpr):
+              BIAS_IN: tl.constexpr):
     """:func:`_dq_step` over the key tiles of ``[lo, hi)`` (multiples of BLOCK_N). The band kernel walks the
     ``SUPER``-wide key cells instead, judges each cell's flatness once and skips the flat ones whole: per
     flat cell one span test instead of one per small tile (at L 4096 the mixed layer's band kernel went
@@ -302,28 +284,28 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
                         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q,
                         evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
                         TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
-                        DS, BS, KS, VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
-                        BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, DS_IN)
+                        BIAS, BS, KS, VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
+                        BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN)
     else:
         for start_n in range(lo, hi, BLOCK_N):
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
                 dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo,
                 evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT,
-                kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, DS, BS, KS, VS, D_QK, D_V, MASKED,
+                kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS, VS, D_QK, D_V, MASKED,
                 MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, DS_IN)
+                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN)
     return dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb
 
 
 @triton.jit
 def _dq_program(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
-    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, DS, BS, BHS,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, BIAS, BS, BHS,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, DS_IN: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The query-major backward: the forward's loop over key tiles per query tile, see the two kernels."""
@@ -348,8 +330,8 @@ def _dq_program(
     TTAB += g * ttab_stride
     DPTAB += g * ptab_stride
     DTTAB += g * ttab_stride
-    if DS_IN:
-        DS += g * BHS + q_start * BS
+    if BIAS_IN:
+        BIAS += g * BHS + q_start * BS
     kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, HAS_POS or HAS_TIME)
     pg_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     pg_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -362,16 +344,14 @@ def _dq_program(
         rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
             QTOK, TYPE, VIS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
             HAS_POS, BLOCK_M)
-        q, do, inv_n = 0.0, 0.0, 0.0  # with DS_IN dS is read, not computed
-        if not DS_IN:
-            q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
-            do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
-            if NORM == 0:
-                inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + 1.0 / L.to(tl.float32)
-            elif NORM == 1:
-                inv_n = tl.load(INVN + rows, mask=row_ok, other=0.0)[:, None]
-            else:
-                inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + norm_const
+        q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
+        do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
+        if NORM == 0:
+            inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + 1.0 / L.to(tl.float32)
+        elif NORM == 1:
+            inv_n = tl.load(INVN + rows, mask=row_ok, other=0.0)[:, None]
+        else:
+            inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + norm_const
         evq_lo, evq_hi, ttq_lo, ttq_hi = 0, 0, 0, 0
         sq_lo, sq_hi, sqt_lo, sqt_hi = 0, 0, 0, 0
         if HAS_POS or HAS_TIME:
@@ -389,25 +369,22 @@ def _dq_program(
         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
             0, free_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q,
             ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB,
-            TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, DS, BS, KS, VS, D_QK, D_V, False,
+            TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS, VS, D_QK, D_V, False,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, DS_IN)
+            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN)
         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
             free_end, masked_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
             tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
-            TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, DS, BS, KS, VS, D_QK, D_V, True,
+            TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS, VS, D_QK, D_V, True,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, DS_IN)
+            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN)
         if MASK_MODE == 2:
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
                 extra_lo, extra_hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
                 tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
-                TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, DS, BS, KS, VS, D_QK, D_V,
+                TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS, VS, D_QK, D_V,
                 True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, DS_IN)
-        if DS_IN and POS_GRAD and INLINE:  # the band's pairs at their own event positions, by diagonals
-            pos_grad_diagonals(DPTAB, DS, BS, POS, VIS, rows, row_ok, pos_q, vis_q, ev_q, L,
-                               tl.maximum(masked_end, extra_hi), P_HALF, MASK_MODE, BLOCK_N)
+                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN)
         if not BAND:
             store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)
     if POS_GRAD:
@@ -422,12 +399,12 @@ def _dq_program(
 @triton.jit
 def hstu_dq_kernel(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
-    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, DS, BS,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS,
     BHS, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, DS_IN: tl.constexpr, BLOCK_M: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DQ ``[N_q, H, D_QK]`` (input dtype), and the table gradients (only when POS_GRAD / TIME_GRAD) into
@@ -435,25 +412,24 @@ def hstu_dq_kernel(
     Flat tiles (:func:`.triton_common.spans_flat`: almost all tiles away from the diagonal) add row sums; with
     ``INLINE`` every other tile adds its own (:func:`.triton_common.band_grads_add`: short samples, where most
     tiles are near the diagonal), else only the tiles of flat ``SUPER x SUPER`` cells are done here and
-    :func:`hstu_band_grad_kernel` does the rest (long samples: dQ keeps large tiles). With ``DS_IN``, ``dS``
-    is read from ``DS`` (the bias cache after :func:`hstu_dkdv_kernel`) and Q, DO and INVN are not read."""
+    :func:`hstu_band_grad_kernel` does the rest (long samples: dQ keeps large tiles)."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
-                KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, DS, BS, BHS,
+                KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
                 H, GROUP,
                 D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, DS_IN, BLOCK_M, BLOCK_N, BLOCK_DQK,
+                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, BIAS_IN, BLOCK_M, BLOCK_N, BLOCK_DQK,
                 BLOCK_DV)
 
 
 @triton.jit
 def hstu_band_grad_kernel(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
-    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, DS, BS,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS,
     BHS, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, DS_IN: tl.constexpr, BLOCK_M: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The table gradients of the ``SUPER x SUPER`` tiles that are not flat (near the diagonal, or across
@@ -462,8 +438,8 @@ def hstu_band_grad_kernel(
     registers for the time table). DQ is not written. Launched only when a table needs its gradient;
     BLOCK_M and BLOCK_N divide SUPER."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
-                KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, DS, BS, BHS,
+                KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
                 H, GROUP,
                 D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, DS_IN, BLOCK_M, BLOCK_N, BLOCK_DQK,
+                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, BIAS_IN, BLOCK_M, BLOCK_N, BLOCK_DQK,
                 BLOCK_DV)

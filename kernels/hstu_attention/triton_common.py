@@ -358,33 +358,18 @@ def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg
 
 
 @triton.jit
-def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, pos_q, cols, d_lo, d_hi, b_lo, b_hi, pg_lo, pg_hi, tgb,
-                   DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
-                   TIME_GRAD: tl.constexpr, SWEEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi, pg_lo, pg_hi, tgb, DPTAB, TBND,
+                   P_HALF, NUM_TB, inv_log2_base, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
+                   TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Table gradients of a tile of the band kernel (``[d_lo, d_hi]``, ``[b_lo, b_hi]`` its spans; ``ds`` zero
     outside the mask). Position: a tile past the clamp adds its row sums to ``pg_lo`` / ``pg_hi`` as in
-    :func:`flat_grads_add`, others take :func:`pos_grad_add` (diagonal sums). With ``SWEEP`` the pairs whose
-    query and key sit at their own event positions (``pos == ev``) inside the band are left to
-    :func:`pos_grad_diagonals`: a tile made only of such tokens adds just its clamped pairs, by side. Time:
-    per-bucket row sums go to column ``c`` of ``tgb`` ``[BLOCK_M, TB_PAD]`` (one pass over the tile per bucket it
-    holds, reductions within a warp, no atomics); :func:`flush_band_time` adds ``tgb`` once per program."""
+    :func:`flat_grads_add`, others take :func:`pos_grad_add` (diagonal sums). Time: per-bucket row sums go to
+    column ``c`` of ``tgb`` ``[BLOCK_M, TB_PAD]`` (one pass over the tile per bucket it holds, reductions within
+    a warp, no atomics); :func:`flush_band_time` adds ``tgb`` once per program."""
     rs = tl.sum(ds, axis=1)
     if POS_GRAD:
         if (d_lo >= P_HALF) | (d_hi <= -P_HALF):
             pg_lo, pg_hi = clamped_rows_add(rs, d_lo, P_HALF, pg_lo, pg_hi)
-        elif SWEEP:
-            own_q = ev_q == pos_q
-            own_k = ev_k == cols
-            all_own = (tl.min(tl.where(row_ok & ~own_q, 0, 1), axis=0) * tl.min(tl.where(col_ok & ~own_k, 0, 1), axis=0))
-            dd = ev_q[:, None] - ev_k[None, :]
-            if all_own != 0:  # the band's pairs are the sweep's; what is left is past the clamp on either side
-                if (d_lo <= -P_HALF) | (d_hi >= P_HALF):
-                    pg_lo += tl.sum(tl.where(dd <= -P_HALF, ds, 0.0), axis=1)
-                    pg_hi += tl.sum(tl.where(dd >= P_HALF, ds, 0.0), axis=1)
-            else:
-                swept = own_q[:, None] & own_k[None, :] & (dd > -P_HALF) & (dd < P_HALF)
-                pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, tl.where(swept, 0.0, ds), d_lo, d_hi, P_HALF,
-                             FEW_BUCKETS, BLOCK_M, BLOCK_N)
         else:
             pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS, BLOCK_M, BLOCK_N)
     if TIME_GRAD:
@@ -398,36 +383,6 @@ def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, pos_q, cols, d_lo
                 part = tl.sum(tl.where(bucket == c, ds, 0.0), axis=1)
                 tgb += tl.where(col == c, part[:, None], 0.0)
     return pg_lo, pg_hi, tgb
-
-
-@triton.jit
-def pos_grad_diagonals(DPTAB, DS, BS, POS, VIS, rows, row_ok, pos_q, vis_q, ev_q, L, k_end, P_HALF,
-                       MASK_MODE: tl.constexpr, SW: tl.constexpr):
-    """Position-table gradient of one query tile's pairs whose query and key sit at their own event positions
-    (``ev == pos``: histories and real-time runs of the batch layout) inside the band ``|i - j| < P``, read from
-    ``dS`` as the dK/dV kernel left it in the bias cache (``DS`` at the head's and sample's first query row,
-    row stride ``BS``). Such a pair's bucket is ``P + i - j``, so the tile is read *by diagonals*: column ``c``
-    of a ``[BLOCK_M, SW]`` window holds ``dS[i, i - d0 - c]``, and the window's column sums are the sums of SW
-    buckets (one vector atomic), with no gather or per-bucket pass. Keys up to ``k_end`` (the tile's key
-    ranges); each pair is checked (sample bounds, the key's own position, the mask: pairs no kernel visited hold
-    stale values). :func:`band_grads_add` (``SWEEP``) leaves these pairs out."""
-    own_q = row_ok & (ev_q == pos_q)
-    q_lo = tl.min(tl.where(own_q, pos_q, FAR), axis=0)
-    q_hi = tl.max(tl.where(own_q, pos_q, -1), axis=0)
-    d_first = tl.maximum(q_lo - k_end + 1, 1 - P_HALF)
-    if MASK_MODE == 1:
-        d_first = tl.maximum(d_first, 0)  # causal: keys at or before the query
-    d_last = tl.minimum(q_hi, P_HALF - 1)
-    for d0 in range(d_first, d_last + 1, SW):
-        d = d0 + tl.arange(0, SW)
-        j = pos_q[:, None] - d[None, :]
-        ok = own_q[:, None] & (j >= 0) & (j < L) & (d <= d_last)[None, :]
-        ok = ok & (tl.load(POS + j, mask=ok, other=-1) == j)
-        if MASK_MODE == 2:
-            vis_k = tl.load(VIS + 2 * j + 1, mask=ok, other=INT_MAX)
-            ok = ok & allowed_tile(MASK_MODE, vis_q[:, None], vis_k, pos_q[:, None], j)
-        z = tl.load(DS + rows[:, None] * BS + j, mask=ok, other=0.0).to(tl.float32)
-        tl.atomic_add(DPTAB + P_HALF + d, tl.sum(z, axis=0), mask=d <= d_last, sem="relaxed")
 
 
 @triton.jit

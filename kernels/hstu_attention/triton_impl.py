@@ -50,10 +50,9 @@ LANE_KINDS = ("fwd", "dq", "dq_inline", "band")
 
 
 # The bias cache: with a table and a backward to come, one kernel (triton_fwd.hstu_bias_kernel) writes the bias
-# of every pair a query may see, once for all heads' buckets, and the forward and dK/dV kernels read it as one
-# 2D load per tile instead of spans, buckets and table reads per score (docs/kernels.md). dK/dV then leaves each
-# pair's dS in its place, which dQ reads instead of recomputing it. [h, N_q, max_len] in the tables' dtype, kept
-# until the backward. Made only below BIAS_CACHE_MAX_LEN, where it was measured to pay
+# of every pair a query may see, once for all heads' buckets, and the forward, dQ and dK/dV kernels read it as one
+# 2D load per tile instead of spans, buckets and table reads per score (docs/kernels.md). [h, N_q, max_len] in
+# the tables' dtype, kept until the backward. Made only below BIAS_CACHE_MAX_LEN, where it was measured to pay
 # (H100: the medium step's attention 1.11x at max_len ~1,150; none at L 4096, where dQ splits its work with the
 # band kernel) and up to BIAS_CACHE_MAX_BYTES per call; otherwise the kernels compute the bias themselves.
 BIAS_CACHE = True
@@ -138,11 +137,9 @@ class _Plan:
 
     def kernel_meta(self, kind: str) -> dict:
         """The compile-time flags of kernel ``kind``: ``TOEP`` per :meth:`uses_toep`, ``TB_LANES`` only where
-        :data:`LANE_KINDS` has it; with a bias cache, ``BIAS_IN`` (the forward and dK/dV read the bias; dK/dV
-        leaves dS in its place) or ``DS_IN`` (the dQ-side kernels read that dS)."""
-        cache = {"DS_IN" if kind in ("dq", "dq_inline", "dq_ds", "band") else "BIAS_IN": self.bias_cache is not None}
+        :data:`LANE_KINDS` has it, ``BIAS_IN`` (read the bias cache)."""
         return {**self.meta, "TOEP": self.uses_toep(kind), "TB_LANES": self.meta["TB_LANES"] and kind in LANE_KINDS,
-                **cache}
+                "BIAS_IN": self.bias_cache is not None}
 
     def write_bias(self, pos_bias, time_bias) -> None:
         """Fill the bias cache (:func:`.triton_fwd.hstu_bias_kernel`), before the forward kernel reads it."""
@@ -232,15 +229,13 @@ class _HSTUAttention(torch.autograd.Function):
                      TIME_GRAD=time_bias is not None and ctx.needs_input_grad[4],
                      TB_PAD=triton.next_power_of_2(plan.time_shape[1]) if plan.time_shape else 1)
         table_grads = grads["POS_GRAD"] or grads["TIME_GRAD"]
-        # with the bias cache, dK/dV leaves dS there and dQ reads it, its table gradients in the same pass
-        ds_in = plan.bias_cache is not None
-        split = table_grads and not ds_in and plan.max_len >= triton_launch.SPLIT_FROM_LEN
-        kind = "dq_ds" if ds_in else "dq_inline" if table_grads and not split else "dq"
+        split = table_grads and plan.max_len >= triton_launch.SPLIT_FROM_LEN
+        kind = "dq_inline" if table_grads and not split else "dq"
         dpos = (torch.zeros(plan.pos_shape[0], plan.pos_width(kind), dtype=torch.float32, device=q_sorted.device)
                 if plan.pos_shape else plan.dummy_f)  # laid out like the table the dQ kernel reads
         dtime = (torch.zeros(plan.time_shape, dtype=torch.float32, device=q_sorted.device) if plan.time_shape
                  else plan.dummy_f.clone())
-        if q_sorted.shape[0] and plan.num_samples:  # dK/dV first: with the cache, dQ reads the dS it leaves
+        if q_sorted.shape[0] and plan.num_samples:
             launch("dkdv", plan.max_len, plan.num_samples, plan.num_heads // plan.group,
                    (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv"), *plan.bias_args()),
                    plan.kernel_meta("dkdv"))
@@ -250,7 +245,7 @@ class _HSTUAttention(torch.autograd.Function):
             if split:  # the table gradients of the cells dq leaves out
                 launch("band", plan.max_len, plan.num_samples, plan.num_heads, args,
                        {**plan.kernel_meta("band"), **grads})
-        plan.bias_cache = None  # read (and overwritten with dS) by this backward: freed with its temporaries
+        plan.bias_cache = None  # read by this backward: freed with its temporaries
         grad_pos = (dpos[:, :plan.pos_shape[1]].to(pos_bias.dtype) if pos_bias is not None and ctx.needs_input_grad[3]
                     else None)
         grad_time = dtime.to(time_bias.dtype) if time_bias is not None and ctx.needs_input_grad[4] else None

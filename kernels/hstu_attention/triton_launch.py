@@ -8,8 +8,7 @@ reset between trials (``reset_to_zero``) because they accumulate into them with 
 From ``SPLIT_FROM_LEN`` on, the table gradients are split between the dQ kernel (flat ``SUPER x SUPER``
 cells, in registers, large tiles) and the band kernel (the other cells, small tiles): both judge flatness on
 the same ``SUPER``-aligned grid, which every block size of both divides. Shorter batches, where most tiles
-lie near the diagonal, compute all of them in one dQ pass (``dq_inline``, small tiles). With the bias cache, dQ
-reads dS from it and computes every table gradient in that pass (``dq_ds``).
+lie near the diagonal, compute all of them in one dQ pass (``dq_inline``, small tiles).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ SUPER = 128  # the table-gradient grid on a GPU: at least every BLOCK_M / BLOCK_
 SPLIT_FROM_LEN = 2048  # from this max_len on, table gradients split between dq and band (else dq_inline)
 TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not worth the compile time)
 KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
-       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN", "DS_IN"]
+       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN"]
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -72,10 +71,6 @@ _CONFIGS = {
     # the forward reading the bias cache (BIAS_IN): in the medium step (d 256) 128 x 32 x 2 stages took 5.96 ms
     # per step against 7.62 for 128 x 64, which the autotuner had picked from the list without tables
     ("fwd", 256, "cache"): [(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2)],
-    # dQ reading dS from the bias cache (DS_IN), its table gradients in the same pass: one matmul per tile
-    ("dq_ds", 64, False): [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-    ("dq_ds", 128, False): [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-    ("dq_ds", 256, False): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
 }
 
 
@@ -93,9 +88,7 @@ def configs(kind: str, block_d: int, heavy: bool | str) -> list[triton.Config]:
 def config_class(kind: str, block_d: int, meta: dict) -> bool | str:
     """Which list of :data:`_CONFIGS` kernel ``kind`` tunes over: with a table, the heavy one, unless it reads
     the bias cache and computes no table gradient (it then does no per-score table work): its own list where
-    one was measured (``"cache"``), else the list without tables. dQ reading dS (``dq_ds``) has its own list."""
-    if kind == "dq_ds":
-        return False
+    one was measured (``"cache"``), else the list without tables."""
     tables = bool(meta["HAS_POS"] or meta["HAS_TIME"])
     if tables and meta.get("BIAS_IN") and not (meta.get("POS_GRAD") or meta.get("TIME_GRAD")):
         return "cache" if (kind, _dim_class(block_d), "cache") in _CONFIGS else False
@@ -108,11 +101,9 @@ _TUNERS: dict[tuple[str, int, bool | str], object] = {}  # one autotuner per (ke
 def _tuned(kind: str, block_d: int, heavy: bool | str):
     if (kind, block_d, heavy) not in _TUNERS:
         bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
-        reset = ["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "dq_ds", "band") else None
-        # dK/dV overwrites the bias cache with dS (BIAS_IN): each trial starts from the bias again
-        restore = ["BIAS"] if kind == "dkdv" else None
+        reset = ["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "band") else None
         _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY, reset_to_zero=reset,
-                                                        restore_value=restore, do_bench=bench)(_KERNELS[kind])
+                                                        do_bench=bench)(_KERNELS[kind])
     return _TUNERS[kind, block_d, heavy]
 
 
@@ -129,8 +120,8 @@ def _tiles(rows: int, block: int) -> int:
     return min(max(1, triton.cdiv(rows, block)), 65535)
 
 
-_KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dq_inline": hstu_dq_kernel, "dq_ds": hstu_dq_kernel,
-            "dkdv": hstu_dkdv_kernel, "band": hstu_band_grad_kernel}
+_KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dq_inline": hstu_dq_kernel, "dkdv": hstu_dkdv_kernel,
+            "band": hstu_band_grad_kernel}
 _PINNED: dict[str, triton.Config] = {}  # set only inside pinned(): benchmarks and tuning sweeps
 _UNTUNED: list[bool] = []  # non-empty only inside untuned(): benchmarks over many shape classes
 
@@ -139,7 +130,7 @@ _UNTUNED: list[bool] = []  # non-empty only inside untuned(): benchmarks over ma
 def pinned(**configs: tuple[int, int, int, int]):
     """Run kernels with exactly the given ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` inside the block,
     bypassing the autotuner, e.g. ``with pinned(fwd=(128, 128, 8, 3)): ...`` (kinds ``fwd``, ``dq``,
-    ``dkdv``, ``band``, ``dq_inline``, ``dq_ds``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
+    ``dkdv``, ``band``, ``dq_inline``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
     unknown = set(configs) - set(_KERNELS)
     if unknown:
         raise ValueError(f"pinned: unknown kernel kinds {sorted(unknown)}; kinds are {sorted(_KERNELS)}")
@@ -166,14 +157,14 @@ def untuned():
 
 
 def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tuple, meta: dict) -> None:
-    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dq_inline`` | ``dq_ds`` | ``dkdv`` | ``band``) over ``(num_samples, num_heads,
+    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dq_inline`` | ``dkdv`` | ``band``) over ``(num_samples, num_heads,
     cdiv(grid_rows, tile))`` programs; the tile is BLOCK_M (fwd, dq, band) or BLOCK_N (dkdv). Tiles on the
     slowest axis: the GPU starts every sample's and head's first tile (the heaviest causal one) before any
     second tile."""
     block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
-    if kind in ("dq", "dq_inline", "dq_ds", "band"):  # see triton_common.scatter_add_grad
+    if kind in ("dq", "dq_inline", "band"):  # see triton_common.scatter_add_grad
         meta = {**meta, "FEW_BUCKETS": 4 if interpreting() else 128,
-                "SUPER": INTERPRET_SUPER if interpreting() else SUPER, "INLINE": kind in ("dq_inline", "dq_ds")}
+                "SUPER": INTERPRET_SUPER if interpreting() else SUPER, "INLINE": kind == "dq_inline"}
     if interpreting():
         _interpreter_index_fix()
         tiles = {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
