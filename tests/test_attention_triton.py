@@ -358,8 +358,9 @@ def _corrupt(layout: torch.Tensor) -> torch.Tensor:
 def test_position_gradient_of_target_rows(grid, monkeypatch):
     # target-only query rows (a target layer) in time order share or step through event positions: the
     # position gradient's run-shift path (pos_grad_add) when they lie within a tile's shift range (sample 0:
-    # positions 33..40 against consecutive H and R keys, nothing clamped), the per-bucket passes when they
-    # spread wider than it (sample 1: 120 R events between its targets; the range is 112 for 16-tiles)
+    # positions 33..40 against consecutive H and R keys, nothing clamped; sample 2: 80 positions apart, the
+    # wider window), the per-bucket passes when they spread wider than it (sample 1: 120 R events between its
+    # targets; the range is 112 for 16-tiles)
     if grid is not None:
         monkeypatch.setattr(triton_launch, "SPLIT_FROM_LEN", 0)
         monkeypatch.setattr(triton_launch, "INTERPRET_SUPER", grid)
@@ -369,14 +370,16 @@ def test_position_gradient_of_target_rows(grid, monkeypatch):
     t0 = [1005, 1005, 1025, 1045, 1045, 1065, 1075, 1075]
     r1 = [5000 + 10 * i for i in range(120)]
     t1 = [4990, 5005, 5255, 5605, 5955, 6195, 6300]
-    for n_h, real, targets in ((32, r0, t0), (10, r1, t1)):
+    r2 = [7000 + 10 * i for i in range(100)]
+    t2 = [7005, 7255, 7505, 7805]
+    for n_h, real, targets in ((32, r0, t0), (10, r1, t1), (10, r2, t2)):
         types.append(torch.tensor([H] * n_h + [R] * len(real) + [T] * len(targets), dtype=torch.int8))
         stamps.append(torch.tensor(list(range(n_h)) + real + targets))
     types, stamps = torch.cat(types), torch.cat(stamps)
-    offsets = torch.tensor([0, 48, 185])
+    offsets = torch.tensor([0, 48, 185, 299])
     rows = torch.nonzero(types == T).flatten()
     q = torch.randn(rows.numel(), 2, 16, generator=gen)
-    k, v = (torch.randn(185, 2, 16, generator=gen) for _ in range(2))
+    k, v = (torch.randn(299, 2, 16, generator=gen) for _ in range(2))
     q, k, v, offsets, types, stamps, rows = (t.to(DEVICE) for t in (q, k, v, offsets, types, stamps, rows))
     kw = dict(max_len=137, token_type=types, timestamps=stamps, mask_mode="mixed", normaliser="keys",
               query_index=rows)

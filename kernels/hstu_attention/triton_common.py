@@ -428,6 +428,18 @@ def scatter_add_grad(DTAB, bucket, ds, valid, FEW_BUCKETS: tl.constexpr):
 
 
 @triton.jit
+def diagonal_sums_add(DTAB, ds, shift, spread, cell0, BLOCK_N: tl.constexpr, W: tl.constexpr):
+    """``DTAB[cell0 + k] += sum_i ds[i, shift_i + BLOCK_N - 1 - k]`` for ``k < spread + BLOCK_N`` (``W`` at least
+    that, a power of two): one gather lines each row's run up as columns, one column sum, one vector atomic."""
+    k = tl.arange(0, W)
+    j = shift[:, None] + (BLOCK_N - 1) - k[None, :]  # column of run position k in row i
+    on = (j >= 0) & (j < BLOCK_N)
+    lined = tl.gather(ds, tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), axis=1)
+    sums = tl.sum(tl.where(on, lined, 0.0), axis=0)
+    tl.atomic_add(DTAB + cell0 + k, sums, mask=k < spread + BLOCK_N, sem="relaxed")
+
+
+@triton.jit
 def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Position-bias gradient of a ``[BLOCK_M, BLOCK_N]`` query-major tile: ``DTAB[pos_bucket_ij] += ds_ij``.
@@ -437,7 +449,10 @@ def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_B
     allowed; ``DIAG`` = 128 for tiles up to 32 x 32, else twice the larger side) and no pair of the tile is
     clamped, the bucket is ``e - b + P + s_i - j``: row ``i`` adds to a run of buckets shifted by ``s_i``.
     One ``tl.gather`` lines the runs up as columns (column ``k`` of row ``i`` holds ``ds[i, s_i + BLOCK_N - 1
-    - k]``), one column sum reduces them, and one vector atomic adds the sums (distinct cells). This is the
+    - k]``), one column sum reduces them, and one vector atomic adds the sums (distinct cells,
+    :func:`diagonal_sums_add`); rows within ``NEAR - BLOCK_N`` positions (``NEAR`` the power of two from
+    ``BLOCK_M + BLOCK_N``: consecutive rows) take a window of ``NEAR`` columns, half of ``DIAG`` for small
+    tiles. This is the
     common case: histories, real-time runs and causal sequences (``s_i = i``: the tile's diagonal sums), and
     target rows in time order, which share or step through a few event positions. Other tiles (tiles across
     the clamp, target rows spread over many positions) take :func:`scatter_add_grad`; a tile entirely past
@@ -455,19 +470,21 @@ def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_B
         b_lo = tl.min(tl.where(col_ok, b, FAR), axis=0)
         b_hi = tl.max(tl.where(col_ok, b, -FAR), axis=0)
         d = e_lo - b_lo
-        # room for target rows spread over ~100 event positions in small tiles (band, one-pass dQ)
+        # room for target rows spread over ~100 event positions in small tiles (band, one-pass dQ); rows within
+        # BLOCK_M positions (histories, real-time runs: the common tiles) take the narrowest window, NEAR
         DIAG: tl.constexpr = 128 if BLOCK_M + BLOCK_N <= 64 else 2 * (BLOCK_M if BLOCK_M > BLOCK_N else BLOCK_N)
-        fast = ((e_hi - e_lo <= DIAG - BLOCK_N) & (b_lo == b_hi) & (d - (BLOCK_N - 1) >= -P_HALF)
-                & (d + (e_hi - e_lo) <= P_HALF))
-        if fast:
-            k = tl.arange(0, DIAG)
-            shift = tl.where(row_ok, ev_q - e_lo, 0)
-            j = shift[:, None] + (BLOCK_N - 1) - k[None, :]  # column of run position k in row i
-            on = (j >= 0) & (j < BLOCK_N)
-            lined = tl.gather(tl.where(valid, ds, 0.0), tl.minimum(tl.maximum(j, 0), BLOCK_N - 1), axis=1)
-            sums = tl.sum(tl.where(on, lined, 0.0), axis=0)
-            tl.atomic_add(DTAB + (d - (BLOCK_N - 1) + P_HALF) + k, sums, mask=k < e_hi - e_lo + BLOCK_N,
-                          sem="relaxed")
+        NEAR: tl.constexpr = 64 if BLOCK_M + BLOCK_N <= 64 else 128 if BLOCK_M + BLOCK_N <= 128 else 256
+        spread = e_hi - e_lo
+        fast = (b_lo == b_hi) & (d - (BLOCK_N - 1) >= -P_HALF) & (d + spread <= P_HALF)
+        wide = False
+        if NEAR < DIAG:
+            wide = fast & (spread > NEAR - BLOCK_N) & (spread <= DIAG - BLOCK_N)
+        if fast & (spread <= NEAR - BLOCK_N):
+            diagonal_sums_add(DTAB, tl.where(valid, ds, 0.0), tl.where(row_ok, ev_q - e_lo, 0), spread,
+                              d - (BLOCK_N - 1) + P_HALF, BLOCK_N, NEAR)
+        elif wide:
+            diagonal_sums_add(DTAB, tl.where(valid, ds, 0.0), tl.where(row_ok, ev_q - e_lo, 0), spread,
+                              d - (BLOCK_N - 1) + P_HALF, BLOCK_N, DIAG)
         else:
             scatter_add_grad(DTAB, pos_bucket(ev_q[:, None], ev_k[None, :], P_HALF), ds, valid, FEW_BUCKETS)
 
