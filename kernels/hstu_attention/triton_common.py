@@ -358,8 +358,7 @@ def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg
 
 
 @triton.jit
-def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, evq_lo, evq_hi, d_lo, d_hi, b_lo, b_hi, pg_lo, pg_hi, tgb,
-                   DPTAB, TBND,
+def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi, pg_lo, pg_hi, tgb, DPTAB, TBND,
                    P_HALF, NUM_TB, inv_log2_base, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
                    TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Table gradients of a tile of the band kernel (``[d_lo, d_hi]``, ``[b_lo, b_hi]`` its spans; ``ds`` zero
@@ -372,8 +371,7 @@ def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, evq_lo, evq_hi, d
         if (d_lo >= P_HALF) | (d_hi <= -P_HALF):
             pg_lo, pg_hi = clamped_rows_add(rs, d_lo, P_HALF, pg_lo, pg_hi)
         else:
-            pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, evq_lo, evq_hi, d_lo, d_hi, P_HALF, FEW_BUCKETS,
-                         BLOCK_M, BLOCK_N)
+            pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS, BLOCK_M, BLOCK_N)
     if TIME_GRAD:
         col = tl.arange(0, tgb.shape[1])[None, :]
         if b_hi - b_lo <= 1:
@@ -442,7 +440,7 @@ def diagonal_sums_add(DTAB, ds, shift, spread, cell0, BLOCK_N: tl.constexpr, W: 
 
 
 @triton.jit
-def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, e_lo, e_hi, d_lo, d_hi, P_HALF, FEW_BUCKETS: tl.constexpr,
+def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Position-bias gradient of a ``[BLOCK_M, BLOCK_N]`` query-major tile: ``DTAB[pos_bucket_ij] += ds_ij``.
 
@@ -459,14 +457,15 @@ def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, e_lo, e_hi, d_lo, d_hi, P
     target rows in time order, which share or step through a few event positions. Other tiles (tiles across
     the clamp, target rows spread over many positions) take :func:`scatter_add_grad`; a tile entirely past
     the clamp (``[d_lo, d_hi]``, the span of ``ev_q - ev_k`` as in :func:`add_bias`) adds its sum to one
-    cell. ``[e_lo, e_hi]``: the valid rows' least and greatest event position (the query tile's
-    :func:`tile_span`, read once per query tile: no reduction across warps per key tile)."""
+    cell."""
     valid = row_ok[:, None] & col_ok[None, :]
     if (d_lo >= P_HALF) | (d_hi <= -P_HALF):
         cell = tl.where(d_lo >= P_HALF, 2 * P_HALF, 0)
         tl.atomic_add(DTAB + cell, tl.sum(tl.sum(tl.where(valid, ds, 0.0), axis=1), axis=0), sem="relaxed")
     else:
         cols = tl.arange(0, BLOCK_N)
+        e_lo = tl.min(tl.where(row_ok, ev_q, FAR), axis=0)
+        e_hi = tl.max(tl.where(row_ok, ev_q, -FAR), axis=0)
         b = ev_k - cols
         b_lo = tl.min(tl.where(col_ok, b, FAR), axis=0)
         b_hi = tl.max(tl.where(col_ok, b, -FAR), axis=0)
