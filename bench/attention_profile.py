@@ -45,6 +45,12 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: both tables, frozen", "medium", STEP, False, True),
     ("step d256: both tables, split", "medium", STEP_SPLIT, True),
     ("step d256: both tables, dQ 64x32", "medium", dict(STEP, dq_inline=(64, 32, 8, 2)), False),
+    # the one-pass dQ's small tiles with fewer warps or more stages (cross-warp reductions of the table gradients)
+    ("step d256: both tables, dQ 32x32 2 warps", "medium", dict(STEP, dq_inline=(32, 32, 2, 2)), False),
+    ("step d256: both tables, dQ 32x32 3 stages", "medium", dict(STEP, dq_inline=(32, 32, 4, 3)), False),
+    ("step d256: both tables, dQ 32x32 2 warps 3 stages", "medium", dict(STEP, dq_inline=(32, 32, 2, 3)), False),
+    ("step d256: both tables, dQ 16x32 2 warps", "medium", dict(STEP, dq_inline=(16, 32, 2, 2)), False),
+    ("step d256: both tables, dQ 32x16 2 warps", "medium", dict(STEP, dq_inline=(32, 16, 2, 2)), False),
 ]
 
 
