@@ -479,12 +479,12 @@ def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_B
         wide = False
         if NEAR < DIAG:
             wide = fast & (spread > NEAR - BLOCK_N) & (spread <= DIAG - BLOCK_N)
+        shift = tl.where(row_ok, ev_q - e_lo, 0)
+        cell0 = d - (BLOCK_N - 1) + P_HALF
         if fast & (spread <= NEAR - BLOCK_N):
-            diagonal_sums_add(DTAB, tl.where(valid, ds, 0.0), tl.where(row_ok, ev_q - e_lo, 0), spread,
-                              d - (BLOCK_N - 1) + P_HALF, BLOCK_N, NEAR)
+            diagonal_sums_add(DTAB, tl.where(valid, ds, 0.0), shift, spread, cell0, BLOCK_N, NEAR)
         elif wide:
-            diagonal_sums_add(DTAB, tl.where(valid, ds, 0.0), tl.where(row_ok, ev_q - e_lo, 0), spread,
-                              d - (BLOCK_N - 1) + P_HALF, BLOCK_N, DIAG)
+            diagonal_sums_add(DTAB, tl.where(valid, ds, 0.0), shift, spread, cell0, BLOCK_N, DIAG)
         else:
             scatter_add_grad(DTAB, pos_bucket(ev_q[:, None], ev_k[None, :], P_HALF), ds, valid, FEW_BUCKETS)
 

@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from recfm.kernels.hstu_attention.triton_common import (
-    FAR,
     add_bias,
     allowed_tile,
     dot,
@@ -189,9 +188,8 @@ def hstu_bias_kernel(
 ):
     """The bias cache: ``BIAS[g, q_start + i, j] = pos_table[g, bucket] + time_table[g, bucket]`` for query row ``i``
     and key ``j`` of every sample and query head (fp32 sum, stored in the tables' dtype). Grid ``(B,
-    cdiv(max_len, BLOCK_M), cdiv(max_len, BLOCK_N))``; a tile past the sample, or one whose keys no query of its
-    rows may see, is skipped (causal: keys after the last query; mixed: keys from the rows' bound of
-    :func:`.triton_common.key_ranges` on, except the rows' own positions). A tile whose spans are flat (past the
+    cdiv(max_len, BLOCK_M), cdiv(max_len, BLOCK_N))``; a tile past the sample, or outside its rows' key ranges
+    (:func:`.triton_common.key_ranges`, as the attention kernels visit them), is skipped. A tile whose spans are flat (past the
     position clamp, within one time bucket or across one boundary: most tiles away from the diagonal) takes
     :func:`.triton_common.add_bias`'s scalar or two-way select per head; the others compute each pair's buckets
     once for all heads, and read the time table by warp shuffles where ``TB_LANES``. The attention kernels
@@ -204,16 +202,8 @@ def hstu_bias_kernel(
                                                             POS + seq_start, seq_start, q_len, m * BLOCK_M, HAS_QIDX,
                                                             MASK_MODE == 2, False, HAS_TIME, HAS_POS, BLOCK_M)
     k0 = n * BLOCK_N
-    first = tl.min(tl.where(row_ok, pos_q, FAR), axis=0)
-    last = tl.max(tl.where(row_ok, pos_q, -1), axis=0)
-    if MASK_MODE == 0:
-        visible = last >= 0
-    elif MASK_MODE == 1:
-        visible = k0 <= last
-    else:
-        non_h = tl.max(tl.where(row_ok & (type_q != 0), 1, 0), axis=0)
-        bound = tl.where(non_h > 0, tl.load(STATS + b * 3 + 2), tl.load(STATS + b * 3 + 1))
-        visible = (k0 < bound) | ((k0 <= last) & (k0 + BLOCK_N > first))
+    _, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b, BLOCK_N)
+    visible = (m * BLOCK_M < q_len) & ((k0 < masked_end) | ((k0 >= extra_lo) & (k0 < extra_hi)))
     if (k0 < L) & visible:
         cols, col_ok, _, tt_k, ev_k = key_tile(TT, TT + seq_start, POS + seq_start, L, k0, False, HAS_TIME, HAS_POS,
                                                BLOCK_N)

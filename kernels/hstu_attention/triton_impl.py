@@ -146,8 +146,7 @@ class _Plan:
         c, t = self.bias_cache, self.tokens
         block = 16 if interpreting() else 64
         grid = (self.num_samples, triton.cdiv(self.max_len, block), triton.cdiv(self.max_len, block))
-        ptab = pos_bias.to(self.table_dtype).contiguous() if pos_bias is not None else self.dummy_f
-        ttab = time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f
+        ptab, ttab = self.tables(pos_bias, time_bias)
         pos_stride, time_stride = self.table_strides(pos_bias, time_bias, "fwd")
         _, _, half, num_tb, inv_log2_base, _ = self.scalars
         flags = {name: self.meta[name] for name in ("MASK_MODE", "HAS_QIDX", "HAS_POS", "HAS_TIME", "TB_LANES")}
@@ -168,13 +167,19 @@ class _Plan:
         time = 0 if time_bias is None or time_bias.shape[0] == 1 else time_bias.shape[1]
         return pos, time
 
+    def tables(self, pos_bias, time_bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """The position and time tables as the kernels read them: contiguous, in :attr:`table_dtype`
+        (placeholders for absent ones)."""
+        ptab = pos_bias.to(self.table_dtype).contiguous() if pos_bias is not None else self.dummy_f
+        ttab = time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f
+        return ptab, ttab
+
     def tail(self, invn: torch.Tensor, pos_bias, time_bias, kind: str) -> tuple:
         """Arguments of kernel ``kind`` after the tensors the kernels differ in (the position table in that
         kernel's layout: the Toeplitz layout is built only for a kernel that reads it)."""
-        ptab = pos_bias.to(self.table_dtype).contiguous() if pos_bias is not None else self.dummy_f
+        ptab, ttab = self.tables(pos_bias, time_bias)
         if pos_bias is not None and self.uses_toep(kind):
             ptab = toeplitz_tables(ptab)
-        ttab = time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f
         t = self.tokens
         return (t.offsets, t.qoff, t.qtok, t.token_type, t.vis, t.seconds, t.positions, ptab, ttab, t.bounds,
                 t.stats, invn, t.kext, t.kchunks, t.qext, t.qchunks, *self.table_strides(pos_bias, time_bias, kind),
