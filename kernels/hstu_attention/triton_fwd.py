@@ -202,7 +202,7 @@ def hstu_bias_kernel(
                                                             POS + seq_start, seq_start, q_len, m * BLOCK_M, HAS_QIDX,
                                                             MASK_MODE == 2, False, HAS_TIME, HAS_POS, BLOCK_M)
     k0 = n * BLOCK_N
-    _, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b, BLOCK_N)
+    free_end, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b, BLOCK_N)
     visible = (m * BLOCK_M < q_len) & ((k0 < masked_end) | ((k0 >= extra_lo) & (k0 < extra_hi)))
     if (k0 < L) & visible:
         cols, col_ok, _, tt_k, ev_k = key_tile(TT, TT + seq_start, POS + seq_start, L, k0, False, HAS_TIME, HAS_POS,
