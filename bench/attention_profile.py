@@ -115,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep rows whose label contains one of these words (`=label`: that label only)")
     default_out = Path(__file__).resolve().parent / "results" / "attention_profile.json"
     parser.add_argument("--out", type=Path, default=default_out)
-    parser.add_argument("--grad-copies", type=int,
-                        help="copies of the position-gradient buffer (triton_impl.GRAD_COPIES; default: the module's)")
     args = parser.parse_args(argv)
     import torch
 
@@ -125,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     print(f"{'row':32s} " + " ".join(f"{kind + ' ms':>8s}" for kind in KINDS) + f" {'all ms':>8s} {'check':>8s}")
-    from recfm.kernels.hstu_attention import triton_impl, triton_launch
-
-    if args.grad_copies is not None:
-        triton_impl.GRAD_COPIES = args.grad_copies
+    from recfm.kernels.hstu_attention import triton_launch
 
     for label, variant, pins, split, *frozen in ROWS:
         if args.rows and not any(label == word[1:] if word.startswith("=") else word in label for word in args.rows):
@@ -143,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:32s} " + " ".join(f"{t:8.3f}" for t in ms) + f" {total:8.3f} {check:8.1e}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                        length=args.length, tokens=args.tokens,
-                                        grad_copies=getattr(triton_impl, "GRAD_COPIES", 1), rows=rows), indent=1))
+                                        length=args.length, tokens=args.tokens, rows=rows), indent=1))
     print(f"wrote {args.out}")
     return 0
 

@@ -300,12 +300,12 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
 @triton.jit
 def _dq_program(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
-    QCH, ptab_stride, ttab_stride, grad_copy_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr,
-    BIAS, BS, BHS, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, BIAS, BS, BHS,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, GRAD_COPIES: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The query-major backward: the forward's loop over key tiles per query tile, see the two kernels."""
@@ -328,7 +328,7 @@ def _dq_program(
     POS += seq_start
     PTAB += g * ptab_stride
     TTAB += g * ttab_stride
-    DPTAB += g * ptab_stride + ((b * n_prog + pid) % GRAD_COPIES) * grad_copy_stride
+    DPTAB += g * ptab_stride
     DTTAB += g * ttab_stride
     if BIAS_IN:
         BIAS += g * BHS + q_start * BS
@@ -400,13 +400,12 @@ def _dq_program(
 def hstu_dq_kernel(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
     QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS,
-    BHS, grad_copy_stride, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-    QS: tl.constexpr, KS: tl.constexpr,
+    BHS, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, GRAD_COPIES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DQ ``[N_q, H, D_QK]`` (input dtype), and the table gradients (only when POS_GRAD / TIME_GRAD) into
     DPTAB/DTTAB, fp32 buffers laid out like the tables, accumulated in registers and added once per program.
@@ -415,11 +414,10 @@ def hstu_dq_kernel(
     tiles are near the diagonal), else only the tiles of flat ``SUPER x SUPER`` cells are done here and
     :func:`hstu_band_grad_kernel` does the rest (long samples: dQ keeps large tiles)."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
-                KCH, QEXT, QCH, ptab_stride, ttab_stride, grad_copy_stride, alpha, norm_const, P_HALF, NUM_TB,
-                inv_log2_base, BIAS, BS, BHS,
+                KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
                 H, GROUP,
                 D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, BIAS_IN, GRAD_COPIES, BLOCK_M, BLOCK_N, BLOCK_DQK,
+                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, BIAS_IN, BLOCK_M, BLOCK_N, BLOCK_DQK,
                 BLOCK_DV)
 
 
@@ -427,13 +425,12 @@ def hstu_dq_kernel(
 def hstu_band_grad_kernel(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
     QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS,
-    BHS, grad_copy_stride, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-    QS: tl.constexpr, KS: tl.constexpr,
+    BHS, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, GRAD_COPIES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The table gradients of the ``SUPER x SUPER`` tiles that are not flat (near the diagonal, or across
     several time buckets), which :func:`hstu_dq_kernel` leaves out: ``dS`` recomputed in small tiles
@@ -441,9 +438,8 @@ def hstu_band_grad_kernel(
     registers for the time table). DQ is not written. Launched only when a table needs its gradient;
     BLOCK_M and BLOCK_N divide SUPER."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
-                KCH, QEXT, QCH, ptab_stride, ttab_stride, grad_copy_stride, alpha, norm_const, P_HALF, NUM_TB,
-                inv_log2_base, BIAS, BS, BHS,
+                KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
                 H, GROUP,
                 D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, BIAS_IN, GRAD_COPIES, BLOCK_M, BLOCK_N, BLOCK_DQK,
+                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, BIAS_IN, BLOCK_M, BLOCK_N, BLOCK_DQK,
                 BLOCK_DV)

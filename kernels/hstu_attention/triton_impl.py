@@ -59,17 +59,6 @@ BIAS_CACHE = True
 BIAS_CACHE_MAX_LEN = 2048
 BIAS_CACHE_MAX_BYTES = 1 << 30
 
-# The position table's gradient: the dQ (and band) kernels add each tile's diagonal sums to a few hundred cells
-# with atomics, so every program of a layer contends for the same cells. GRAD_COPIES copies of the buffer, which
-# programs take in turn and the backward sums, spread that contention (under the interpreter 2, so tests reach
-# the sum).
-GRAD_COPIES = 8
-
-
-def grad_copies() -> int:
-    """Copies of the position-gradient buffer (:data:`GRAD_COPIES`; 2 under the interpreter)."""
-    return 2 if interpreting() else GRAD_COPIES
-
 
 def lanes_hold_time_table(num_tb: int) -> bool:
     """``TB_LANES`` of the kernels: near the diagonal, read the time table by warp shuffles (one register per
@@ -247,10 +236,8 @@ class _HSTUAttention(torch.autograd.Function):
         table_grads = grads["POS_GRAD"] or grads["TIME_GRAD"]
         split = table_grads and plan.max_len >= triton_launch.SPLIT_FROM_LEN
         kind = "dq_inline" if table_grads and not split else "dq"
-        # laid out like the table the dQ kernel reads, in GRAD_COPIES copies that programs add to in turn
-        copies = grad_copies() if grads["POS_GRAD"] else 1
-        dpos = (torch.zeros(copies, plan.pos_shape[0], plan.pos_width(kind), dtype=torch.float32,
-                            device=q_sorted.device) if plan.pos_shape else plan.dummy_f)
+        dpos = (torch.zeros(plan.pos_shape[0], plan.pos_width(kind), dtype=torch.float32, device=q_sorted.device)
+                if plan.pos_shape else plan.dummy_f)  # laid out like the table the dQ kernel reads
         dtime = (torch.zeros(plan.time_shape, dtype=torch.float32, device=q_sorted.device) if plan.time_shape
                  else plan.dummy_f.clone())
         if q_sorted.shape[0] and plan.num_samples:
@@ -258,15 +245,14 @@ class _HSTUAttention(torch.autograd.Function):
                    (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv"), *plan.bias_args()),
                    plan.kernel_meta("dkdv"))
             args = (q_sorted, k, v, do, dq, dpos, dtime, *plan.tail(invn, pos_bias, time_bias, kind),
-                    *plan.bias_args(), dpos[0].numel() if plan.pos_shape else 0)
-            grads["GRAD_COPIES"] = copies
+                    *plan.bias_args())
             launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.kernel_meta(kind), **grads})
             if split:  # the table gradients of the cells dq leaves out
                 launch("band", plan.max_len, plan.num_samples, plan.num_heads, args,
                        {**plan.kernel_meta("band"), **grads})
         plan.bias_cache = None  # read by this backward: freed with its temporaries
-        grad_pos = (dpos.sum(0)[:, :plan.pos_shape[1]].to(pos_bias.dtype)
-                    if pos_bias is not None and ctx.needs_input_grad[3] else None)
+        grad_pos = (dpos[:, :plan.pos_shape[1]].to(pos_bias.dtype) if pos_bias is not None and ctx.needs_input_grad[3]
+                    else None)
         grad_time = dtime.to(time_bias.dtype) if time_bias is not None and ctx.needs_input_grad[4] else None
         return _unsort(dq, plan.order), dk, dv, grad_pos, grad_time, None
 
