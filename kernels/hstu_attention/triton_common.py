@@ -434,15 +434,16 @@ DIAGX = tl.constexpr(int(_os.environ.get("RECFM_DIAGX", "0")))
 
 
 @triton.jit
-def diagonal_sums_cyclic(DTAB, ds, shift, spread, cell0, BLOCK_N: tl.constexpr, FOLDS: tl.constexpr):
+def diagonal_sums_cyclic(DTAB, ds, shift, spread, cell0, BLOCK_N: tl.constexpr):
     c = tl.arange(0, BLOCK_N)[None, :]
     src = (shift[:, None] + (BLOCK_N - 1) - c) % BLOCK_N  # the column whose run position is c mod BLOCK_N
-    fold = (shift[:, None] + (BLOCK_N - 1) - src) // BLOCK_N  # run position c + fold * BLOCK_N
     lined = tl.gather(ds, src, axis=1)
+    high = src < shift[:, None]  # run position c + BLOCK_N
+    lo = tl.sum(tl.where(high, 0.0, lined), axis=0)
+    hi = tl.sum(tl.where(high, lined, 0.0), axis=0)
     k = tl.arange(0, BLOCK_N)
-    for f in tl.static_range(FOLDS):
-        part = tl.sum(tl.where(fold == f, lined, 0.0), axis=0)
-        tl.atomic_add(DTAB + cell0 + f * BLOCK_N + k, part, mask=f * BLOCK_N + k < spread + BLOCK_N, sem="relaxed")
+    tl.atomic_add(DTAB + cell0 + k, lo, sem="relaxed")
+    tl.atomic_add(DTAB + cell0 + BLOCK_N + k, hi, mask=k < spread, sem="relaxed")
 
 
 @triton.jit
@@ -493,7 +494,6 @@ def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_B
         DIAG: tl.constexpr = 128 if BLOCK_M + BLOCK_N <= 64 else 2 * (BLOCK_M if BLOCK_M > BLOCK_N else BLOCK_N)
         NEAR: tl.constexpr = 64 if BLOCK_M + BLOCK_N <= 64 else 128 if BLOCK_M + BLOCK_N <= 128 else 256
         spread = e_hi - e_lo
-        FOLDS: tl.constexpr = 1 + (BLOCK_M - 1 + BLOCK_N - 1) // BLOCK_N
         fast = (b_lo == b_hi) & (d - (BLOCK_N - 1) >= -P_HALF) & (d + spread <= P_HALF)
         wide = False
         if NEAR < DIAG:
@@ -504,8 +504,8 @@ def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_B
             pass
         elif DIAGX == 2:
             tl.atomic_add(DTAB + cell0 + cols, tl.sum(tl.where(valid, ds, 0.0), axis=0), sem="relaxed")
-        elif DIAGX == 3 and fast & (spread <= (FOLDS - 1) * BLOCK_N):
-            diagonal_sums_cyclic(DTAB, tl.where(valid, ds, 0.0), shift, spread, cell0, BLOCK_N, FOLDS)
+        elif DIAGX == 3 and fast & (spread <= BLOCK_N):
+            diagonal_sums_cyclic(DTAB, tl.where(valid, ds, 0.0), shift, spread, cell0, BLOCK_N)
         elif fast & (spread <= NEAR - BLOCK_N):
             diagonal_sums_add(DTAB, tl.where(valid, ds, 0.0), shift, spread, cell0, BLOCK_N, NEAR)
         elif wide:
