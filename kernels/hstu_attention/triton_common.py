@@ -370,8 +370,6 @@ def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo,
     if POS_GRAD:
         if (d_lo >= P_HALF) | (d_hi <= -P_HALF):
             pg_lo, pg_hi = clamped_rows_add(rs, d_lo, P_HALF, pg_lo, pg_hi)
-        elif DIAGX == 4:
-            pass
         else:
             pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS, BLOCK_M, BLOCK_N)
     if TIME_GRAD:
@@ -429,23 +427,6 @@ def scatter_add_grad(DTAB, bucket, ds, valid, FEW_BUCKETS: tl.constexpr):
         tl.atomic_add(DTAB + bucket, ds, mask=valid, sem="relaxed")
 
 
-import os as _os
-DIAGX = tl.constexpr(int(_os.environ.get("RECFM_DIAGX", "0")))
-
-
-@triton.jit
-def diagonal_sums_cyclic(DTAB, ds, shift, spread, cell0, BLOCK_N: tl.constexpr):
-    c = tl.arange(0, BLOCK_N)[None, :]
-    src = (shift[:, None] + (BLOCK_N - 1) - c) % BLOCK_N  # the column whose run position is c mod BLOCK_N
-    lined = tl.gather(ds, src, axis=1)
-    high = src < shift[:, None]  # run position c + BLOCK_N
-    lo = tl.sum(tl.where(high, 0.0, lined), axis=0)
-    hi = tl.sum(tl.where(high, lined, 0.0), axis=0)
-    k = tl.arange(0, BLOCK_N)
-    tl.atomic_add(DTAB + cell0 + k, lo, sem="relaxed")
-    tl.atomic_add(DTAB + cell0 + BLOCK_N + k, hi, mask=k < spread, sem="relaxed")
-
-
 @triton.jit
 def diagonal_sums_add(DTAB, ds, shift, spread, cell0, BLOCK_N: tl.constexpr, W: tl.constexpr):
     """``DTAB[cell0 + k] += sum_i ds[i, shift_i + BLOCK_N - 1 - k]`` for ``k < spread + BLOCK_N`` (``W`` at least
@@ -500,13 +481,7 @@ def pos_grad_add(DTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_B
             wide = fast & (spread > NEAR - BLOCK_N) & (spread <= DIAG - BLOCK_N)
         shift = tl.where(row_ok, ev_q - e_lo, 0)
         cell0 = d - (BLOCK_N - 1) + P_HALF
-        if DIAGX == 1:
-            pass
-        elif DIAGX == 2:
-            tl.atomic_add(DTAB + cell0 + cols, tl.sum(tl.where(valid, ds, 0.0), axis=0), sem="relaxed")
-        elif DIAGX == 3 and fast & (spread <= BLOCK_N):
-            diagonal_sums_cyclic(DTAB, tl.where(valid, ds, 0.0), shift, spread, cell0, BLOCK_N)
-        elif fast & (spread <= NEAR - BLOCK_N):
+        if fast & (spread <= NEAR - BLOCK_N):
             diagonal_sums_add(DTAB, tl.where(valid, ds, 0.0), shift, spread, cell0, BLOCK_N, NEAR)
         elif wide:
             diagonal_sums_add(DTAB, tl.where(valid, ds, 0.0), shift, spread, cell0, BLOCK_N, DIAG)
