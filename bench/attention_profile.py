@@ -51,6 +51,11 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: both tables, dQ 32x32 2 warps 3 stages", "medium", dict(STEP, dq_inline=(32, 32, 2, 3)), False),
     ("step d256: both tables, dQ 16x32 2 warps", "medium", dict(STEP, dq_inline=(16, 32, 2, 2)), False),
     ("step d256: both tables, dQ 32x16 2 warps", "medium", dict(STEP, dq_inline=(32, 16, 2, 2)), False),
+    # wider key tiles (half the loop iterations per query tile) and more warps per 32-row tile
+    ("step d256: both tables, dQ 32x64", "medium", dict(STEP, dq_inline=(32, 64, 4, 2)), False),
+    ("step d256: both tables, dQ 32x64 8 warps", "medium", dict(STEP, dq_inline=(32, 64, 8, 2)), False),
+    ("step d256: both tables, dQ 32x32 8 warps", "medium", dict(STEP, dq_inline=(32, 32, 8, 2)), False),
+    ("step d256: both tables, dQ 32x64 3 stages", "medium", dict(STEP, dq_inline=(32, 64, 4, 3)), False),
 ]
 
 
