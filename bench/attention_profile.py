@@ -57,12 +57,6 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
      False),
     ("step d256: both tables, dQ 128x32, dK/dV 16x64", "medium", dict(STEP, dq=(128, 32, 8, 3), dkdv=(16, 64, 8, 2)),
      False),
-    ("step d256: both tables, dQ 128x32, dK/dV 32x32", "medium", dict(STEP, dq=(128, 32, 8, 3), dkdv=(32, 32, 4, 2)),
-     False),
-    ("step d256: both tables, dQ 128x32, dK/dV 32x32 8 warps", "medium",
-     dict(STEP, dq=(128, 32, 8, 3), dkdv=(32, 32, 8, 2)), False),
-    ("step d256: both tables, dQ 128x32, dK/dV 16x32", "medium", dict(STEP, dq=(128, 32, 8, 3), dkdv=(16, 32, 4, 2)),
-     False),
     # wider key tiles (half the loop iterations per query tile) and more warps per 32-row tile
     ("step d256: both tables, dQ 32x64", "medium", dict(STEP, dq_inline=(32, 64, 4, 2)), False),
     ("step d256: both tables, dQ 32x64 8 warps", "medium", dict(STEP, dq_inline=(32, 64, 8, 2)), False),

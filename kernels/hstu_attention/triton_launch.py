@@ -101,8 +101,7 @@ _TUNERS: dict[tuple[str, int, bool | str], object] = {}  # one autotuner per (ke
 def _tuned(kind: str, block_d: int, heavy: bool | str):
     if (kind, block_d, heavy) not in _TUNERS:
         bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
-        # the table-gradient kernels accumulate into these
-        reset = ["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "band", "dkdv") else None
+        reset = ["DPTAB", "DTTAB"]  # the table-gradient kernels accumulate into them
         _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY, reset_to_zero=reset,
                                                         do_bench=bench)(_KERNELS[kind])
     return _TUNERS[kind, block_d, heavy]
