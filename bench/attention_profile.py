@@ -51,12 +51,6 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: both tables, dQ 32x32 2 warps 3 stages", "medium", dict(STEP, dq_inline=(32, 32, 2, 3)), False),
     ("step d256: both tables, dQ 16x32 2 warps", "medium", dict(STEP, dq_inline=(16, 32, 2, 2)), False),
     ("step d256: both tables, dQ 32x16 2 warps", "medium", dict(STEP, dq_inline=(32, 16, 2, 2)), False),
-    # the table gradients in dK/dV (triton_impl.KEY_MAJOR_GRADS): dQ's plain tiles, dK/dV's heavy ones
-    ("step d256: both tables, dQ 128x32", "medium", dict(STEP, dq=(128, 32, 8, 3)), False),
-    ("step d256: both tables, dQ 128x32, dK/dV 64x64", "medium", dict(STEP, dq=(128, 32, 8, 3), dkdv=(64, 64, 8, 2)),
-     False),
-    ("step d256: both tables, dQ 128x32, dK/dV 16x64", "medium", dict(STEP, dq=(128, 32, 8, 3), dkdv=(16, 64, 8, 2)),
-     False),
     # wider key tiles (half the loop iterations per query tile) and more warps per 32-row tile
     ("step d256: both tables, dQ 32x64", "medium", dict(STEP, dq_inline=(32, 64, 4, 2)), False),
     ("step d256: both tables, dQ 32x64 8 warps", "medium", dict(STEP, dq_inline=(32, 64, 8, 2)), False),
@@ -126,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep rows whose label contains one of these words (`=label`: that label only)")
     default_out = Path(__file__).resolve().parent / "results" / "attention_profile.json"
     parser.add_argument("--out", type=Path, default=default_out)
-    parser.add_argument("--one-pass-dq", action="store_true",
-                        help="table gradients in the one-pass dQ, not in dK/dV (triton_impl.KEY_MAJOR_GRADS = False)")
     args = parser.parse_args(argv)
     import torch
 
@@ -136,10 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     print(f"{'row':32s} " + " ".join(f"{kind + ' ms':>8s}" for kind in KINDS) + f" {'all ms':>8s} {'check':>8s}")
-    from recfm.kernels.hstu_attention import triton_impl, triton_launch
+    from recfm.kernels.hstu_attention import triton_launch
 
-    if args.one_pass_dq:
-        triton_impl.KEY_MAJOR_GRADS = False
     for label, variant, pins, split, *frozen in ROWS:
         if args.rows and not any(label == word[1:] if word.startswith("=") else word in label for word in args.rows):
             continue
@@ -153,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:32s} " + " ".join(f"{t:8.3f}" for t in ms) + f" {total:8.3f} {check:8.1e}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                        length=args.length, tokens=args.tokens,
-                                        key_major_grads=getattr(triton_impl, "KEY_MAJOR_GRADS", False), rows=rows),
-                                   indent=1))
+                                        length=args.length, tokens=args.tokens, rows=rows), indent=1))
     print(f"wrote {args.out}")
     return 0
 

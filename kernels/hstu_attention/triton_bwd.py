@@ -32,7 +32,6 @@ from recfm.kernels.hstu_attention.triton_common import (
     flush_band_time,
     flush_clamped,
     flush_time,
-    key_major_grads_add,
     key_ranges,
     key_tile,
     load_rows,
@@ -49,33 +48,31 @@ from recfm.kernels.hstu_attention.triton_common import (
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi,
-               ttk_lo, ttk_hi, kid, k_start, Q, DO, INVN, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, QEXT, qc0, qc1,
-               BIAS, BS, DPTAB, DTTAB, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base,
+def _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, Q, DO, INVN,
+               QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, QEXT, qc0, qc1, BIAS, BS,
+               seq_start, q_len, L, start_m, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base,
                H: tl.constexpr, QS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
                MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
                HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr,
-               TOEP: tl.constexpr, BIAS_IN: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
-               TIME_GRAD: tl.constexpr):
-    GRADS: tl.constexpr = POS_GRAD or TIME_GRAD
+               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
+               BIAS_IN: tl.constexpr):
     rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
         QTOK, TYPE, VIS, TT, POS, seq_start, q_len, start_m, HAS_QIDX, False, MASKED and MASK_MODE == 2,
-        HAS_TIME and (GRADS or not BIAS_IN), HAS_POS and (GRADS or not BIAS_IN), BLOCK_M)
+        HAS_TIME and not BIAS_IN, HAS_POS and not BIAS_IN, BLOCK_M)
     q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
     do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
     st = dot(k, tl.trans(q), None, DOT_PREC) * alpha  # [BLOCK_N, BLOCK_M]
     ok = row_ok[None, :] & col_ok[:, None]
     if MASKED:
         ok = ok & allowed_tile(MASK_MODE, vis_q[None, :], vis_k[:, None], pos_q[None, :], cols[:, None])
-    d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
-    if (HAS_POS or HAS_TIME) and (GRADS or not BIAS_IN):
-        evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, start_m, BLOCK_M, HAS_POS, HAS_TIME)
-        d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
-                                            NUM_TB, inv_log2_base, HAS_TIME)
     if BIAS_IN:  # the forward's bias of every allowed pair (the bias cache), read transposed: no bucket work
         st += tl.load(BIAS + rows[None, :] * BS + cols[:, None], mask=ok, other=0.0).to(tl.float32)
     else:
+        d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
+        if HAS_POS or HAS_TIME:
+            evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, start_m, BLOCK_M, HAS_POS, HAS_TIME)
+            d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
+                                                NUM_TB, inv_log2_base, HAS_TIME)
         toep, x0 = False, 0
         if TOEP:
             toep, x0 = toeplitz_args(tile_ident(QEXT, qc0, qc1, start_m, BLOCK_M), kid, start_m, k_start, P_HALF,
@@ -98,33 +95,22 @@ def _dkdv_tile(dk, dv, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, k, v, cols, col_ok, 
         dat = tl.where(ok, dat, 0.0)
     dv = dot(at.to(do.dtype), do, dv, DOT_PREC)
     dpt = dot(v, tl.trans(do), None, DOT_PREC)  # [BLOCK_N, BLOCK_M]
-    dst = dpt * dat  # dS transposed: zero where the mask or a sample end excludes a pair (v or dO rows are zero)
-    dk = dot(dst.to(q.dtype), q, dk, DOT_PREC)
-    if GRADS:
-        pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = key_major_grads_add(
-            dst, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb,
-            DPTAB, DTTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, FEW_BUCKETS, POS_GRAD, TIME_GRAD,
-            BLOCK_M, BLOCK_N)
-    return dk, dv, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb
+    dk = dot((dpt * dat).to(q.dtype), q, dk, DOT_PREC)
+    return dk, dv
 
 
 @triton.jit
 def hstu_dkdv_kernel(
-    Q, K, V, DO, DK, DV, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH,
-    QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS,
-    BS, BHS, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr,
-    KS: tl.constexpr, VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr,
-    HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr,
-    TOEP: tl.constexpr, BIAS_IN: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
-    TIME_GRAD: tl.constexpr, TB_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    Q, K, V, DO, DK, DV, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT, QCH,
+    ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS, BHS,
+    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
+    BIAS_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """DK ``[N, H/GROUP, D_QK]``, DV ``[N, H/GROUP, D_V]`` (input dtype); other tensors as the forward. With
-    ``BIAS_IN`` the bias is read from ``BIAS`` as the forward stored it (``BIAS_OUT``), not recomputed.
-    With POS_GRAD / TIME_GRAD (only with ``BIAS_IN``: the dQ kernel then computes none) the table gradients
-    too, from the transposed dS this kernel computes anyway (:func:`.triton_common.key_major_grads_add`), into
-    DPTAB/DTTAB as :func:`hstu_dq_kernel` does, added once per key tile and query head."""
-    GRADS: tl.constexpr = POS_GRAD or TIME_GRAD
+    ``BIAS_IN`` the bias is read from ``BIAS`` as the forward stored it (``BIAS_OUT``), not recomputed."""
     b = tl.program_id(0)
     kv_h = tl.program_id(1)
     pid = tl.program_id(2)
@@ -145,17 +131,15 @@ def hstu_dkdv_kernel(
     POS += seq_start
     if BIAS_IN:
         BIAS += q_start * BS
-    SPANS: tl.constexpr = (HAS_POS or HAS_TIME) and (GRADS or not BIAS_IN)
-    kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, SPANS)
+    kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, (HAS_POS or HAS_TIME) and not BIAS_IN)
     for n in range(pid, tl.cdiv(L, BLOCK_N), n_prog):
         k_start = n * BLOCK_N
-        cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, k_start, MASK_MODE == 2,
-                                                   HAS_TIME and (GRADS or not BIAS_IN),
-                                                   HAS_POS and (GRADS or not BIAS_IN), BLOCK_N)
+        cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, k_start, MASK_MODE == 2, HAS_TIME and not BIAS_IN,
+                                                   HAS_POS and not BIAS_IN, BLOCK_N)
         k = load_rows(K, cols, col_ok, KS, D_QK, BLOCK_DQK)
         v = load_rows(V, cols, col_ok, VS, D_V, BLOCK_DV)
         evk_lo, evk_hi, ttk_lo, ttk_hi = 0, 0, 0, 0
-        if SPANS:
+        if (HAS_POS or HAS_TIME) and not BIAS_IN:
             evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, k_start, BLOCK_N, HAS_POS, HAS_TIME)
         kid = 0
         if TOEP:
@@ -171,33 +155,16 @@ def hstu_dkdv_kernel(
             ptab = PTAB + g * ptab_stride
             ttab = TTAB + g * ttab_stride
             bias = BIAS + g * BHS
-            dptab = DPTAB + g * ptab_stride
-            dttab = DTTAB + g * ttab_stride
-            pg_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
-            pg_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
-            tb = 0
-            tg_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
-            tg_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
-            tgb = tl.zeros([BLOCK_N, TB_PAD if GRADS else 1], dtype=tl.float32)
             for start_m in range(free_lo, free_hi, BLOCK_M):
-                dk, dv, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dkdv_tile(
-                    dk, dv, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi,
-                    ttk_lo, ttk_hi, kid, k_start, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS, ptab, ttab, TBND, QEXT, qc0,
-                    qc1, bias, BS, dptab, dttab, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF, NUM_TB,
-                    inv_log2_base, H, QS, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST,
-                    BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, FEW_BUCKETS, POS_GRAD, TIME_GRAD)
+                dk, dv = _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
+                                    ptab, ttab, TBND, QEXT, qc0, qc1, bias, BS, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
+                                    NUM_TB, inv_log2_base, H, QS, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN)
             for start_m in range(masked_lo, masked_hi, BLOCK_M):
-                dk, dv, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dkdv_tile(
-                    dk, dv, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi,
-                    ttk_lo, ttk_hi, kid, k_start, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS, ptab, ttab, TBND, QEXT, qc0,
-                    qc1, bias, BS, dptab, dttab, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF, NUM_TB,
-                    inv_log2_base, H, QS, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST,
-                    BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, FEW_BUCKETS, POS_GRAD, TIME_GRAD)
-            if POS_GRAD:
-                flush_clamped(dptab, pg_lo, pg_hi, P_HALF)
-            if TIME_GRAD:
-                flush_band_time(dttab, tgb, NUM_TB)
-                flush_time(dttab, tb, tg_lo, tg_hi, NUM_TB)
+                dk, dv = _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
+                                    ptab, ttab, TBND, QEXT, qc0, qc1, bias, BS, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
+                                    NUM_TB, inv_log2_base, H, QS, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN)
         store_rows(DK, cols, col_ok, dk * alpha, H_KV * D_QK, D_QK, BLOCK_DQK)
         store_rows(DV, cols, col_ok, dv, H_KV * D_V, D_V, BLOCK_DV)
 

@@ -386,33 +386,6 @@ def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo,
 
 
 @triton.jit
-def key_major_grads_add(dst, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo,
-                        tg_hi, tgb, DPTAB, DTTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS: tl.constexpr,
-                        HAS_TIME: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
-                        TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Table gradients of a dK/dV tile, ``dst`` ``[BLOCK_N keys, BLOCK_M queries]`` (dS transposed, zero outside
-    the mask; ``row_ok`` / ``col_ok`` the queries' / keys' validity), into per-key registers. Time gaps are
-    symmetric, so flat tiles (:func:`flat_grads_add`) and the time part of the others (:func:`band_grads_add`)
-    take the keys as rows; the position bucket is not, so the diagonal sums (:func:`pos_grad_add`) read the
-    query-major transpose."""
-    if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
-        pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(dst, tt_k[:, None], tt_q[None, :], d_lo, b_lo, b_hi, pg_lo,
-                                                        pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND, P_HALF, NUM_TB,
-                                                        POS_GRAD, TIME_GRAD)
-    else:
-        if POS_GRAD:
-            if (d_lo >= P_HALF) | (d_hi <= -P_HALF):
-                pg_lo, pg_hi = clamped_rows_add(tl.sum(dst, axis=1), d_lo, P_HALF, pg_lo, pg_hi)
-            else:
-                pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, tl.trans(dst), d_lo, d_hi, P_HALF, FEW_BUCKETS, BLOCK_M,
-                             BLOCK_N)
-        pg_lo, pg_hi, tgb = band_grads_add(dst, ev_k, ev_q, tt_k, tt_q, col_ok, row_ok, d_lo, d_hi, b_lo, b_hi, pg_lo,
-                                           pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base, FEW_BUCKETS, False,
-                                           TIME_GRAD, BLOCK_N, BLOCK_M)
-    return pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb
-
-
-@triton.jit
 def flush_band_time(DTTAB, tgb, NUM_TB):
     """``DTTAB[c] += sum_i tgb[i, c]`` for the table's columns (one vector atomic)."""
     col = tl.arange(0, tgb.shape[1])

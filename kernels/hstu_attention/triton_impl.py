@@ -58,10 +58,6 @@ LANE_KINDS = ("fwd", "dq", "dq_inline", "band")
 BIAS_CACHE = True
 BIAS_CACHE_MAX_LEN = 2048
 BIAS_CACHE_MAX_BYTES = 1 << 30
-# With the bias cache and table gradients below SPLIT_FROM_LEN, the dK/dV kernel computes the table gradients from
-# the dS it computes anyway (triton_common.key_major_grads_add), and dQ runs its plain tiles; False: the one-pass
-# dQ does (kind dq_inline, as without the cache).
-KEY_MAJOR_GRADS = True
 
 
 def lanes_hold_time_table(num_tb: int) -> bool:
@@ -239,22 +235,18 @@ class _HSTUAttention(torch.autograd.Function):
                      TB_PAD=triton.next_power_of_2(plan.time_shape[1]) if plan.time_shape else 1)
         table_grads = grads["POS_GRAD"] or grads["TIME_GRAD"]
         split = table_grads and plan.max_len >= triton_launch.SPLIT_FROM_LEN
-        # with the bias cache, dK/dV computes the table gradients and dQ keeps its plain tiles (KEY_MAJOR_GRADS)
-        key_major = table_grads and not split and KEY_MAJOR_GRADS and plan.bias_cache is not None
-        kind = "dq_inline" if table_grads and not split and not key_major else "dq"
-        none = dict(grads, POS_GRAD=False, TIME_GRAD=False)
+        kind = "dq_inline" if table_grads and not split else "dq"
         dpos = (torch.zeros(plan.pos_shape[0], plan.pos_width(kind), dtype=torch.float32, device=q_sorted.device)
                 if plan.pos_shape else plan.dummy_f)  # laid out like the table the dQ kernel reads
         dtime = (torch.zeros(plan.time_shape, dtype=torch.float32, device=q_sorted.device) if plan.time_shape
                  else plan.dummy_f.clone())
         if q_sorted.shape[0] and plan.num_samples:
             launch("dkdv", plan.max_len, plan.num_samples, plan.num_heads // plan.group,
-                   (q_sorted, k, v, do, dk, dv, dpos, dtime, *plan.tail(invn, pos_bias, time_bias, "dkdv"),
-                    *plan.bias_args()), {**plan.kernel_meta("dkdv"), **(grads if key_major else none)})
+                   (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv"), *plan.bias_args()),
+                   plan.kernel_meta("dkdv"))
             args = (q_sorted, k, v, do, dq, dpos, dtime, *plan.tail(invn, pos_bias, time_bias, kind),
                     *plan.bias_args())
-            launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args,
-                   {**plan.kernel_meta(kind), **(none if key_major else grads)})
+            launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.kernel_meta(kind), **grads})
             if split:  # the table gradients of the cells dq leaves out
                 launch("band", plan.max_len, plan.num_samples, plan.num_heads, args,
                        {**plan.kernel_meta("band"), **grads})

@@ -101,7 +101,7 @@ _TUNERS: dict[tuple[str, int, bool | str], object] = {}  # one autotuner per (ke
 def _tuned(kind: str, block_d: int, heavy: bool | str):
     if (kind, block_d, heavy) not in _TUNERS:
         bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
-        reset = ["DPTAB", "DTTAB"]  # the table-gradient kernels accumulate into them
+        reset = ["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "band") else None
         _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY, reset_to_zero=reset,
                                                         do_bench=bench)(_KERNELS[kind])
     return _TUNERS[kind, block_d, heavy]
@@ -165,8 +165,6 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
     if kind in ("dq", "dq_inline", "band"):  # see triton_common.scatter_add_grad
         meta = {**meta, "FEW_BUCKETS": 4 if interpreting() else 128,
                 "SUPER": INTERPRET_SUPER if interpreting() else SUPER, "INLINE": kind == "dq_inline"}
-    elif kind == "dkdv":
-        meta = {**meta, "FEW_BUCKETS": 4 if interpreting() else 128}
     if interpreting():
         _interpreter_index_fix()
         tiles = {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
