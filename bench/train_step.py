@@ -311,6 +311,8 @@ def plan(args) -> list[Run]:
         Run(f"{main} auto (prefetch, no sync)", main, "auto", big),
         Run(f"{main} naive input (per-tensor .to, device checks)", main, "auto", big, prefetch=False),
         Run(f"{main} without bias tables (diagnostic)", main, "auto", big, tables="none"),
+        Run(f"{main} position table only (diagnostic)", main, "auto", big, tables="pos"),
+        Run(f"{main} time table only (diagnostic)", main, "auto", big, tables="time"),
         Run(f"{main} auto @B={small}", main, "auto", small),
         Run(f"{main} reference @B={small}", main, "reference", small),
         Run(f"{main} dense attention @B={small}", main, "dense", small),
