@@ -9,7 +9,9 @@ Compared side by side in one run (each row its own model, same batches):
 * GQA: 1 KV head (``mtfm``) vs as many KV heads as query heads (3);
 * input path: DevicePrefetcher (one merged pinned copy on a side stream, checks on the host, no host
   sync in the step) vs naive (``.to()`` per tensor, value checks on the device, ``nonzero`` for T rows);
-* a diagnostic: the main row without the relative-bias tables (what the tables cost in the step).
+* diagnostics: the main row without the relative-bias tables or with one of them (what the tables cost in
+  the step), and one batch stepped eagerly against the same step captured as a CUDA graph and replayed (what
+  the host's kernel launches cost).
 
 Per row: median step time (CUDA events between steps, after warm-up), samples/s, tokens/s, model TFLOP/s
 (backbone matmul FLOPs of the actual token mix from ``recfm.foundation.model.summary``, x3 for
@@ -177,6 +179,8 @@ class Run:
     mha: bool = False  # as many KV heads as query heads (no GQA)
     prefetch: bool = True  # DevicePrefetcher + no-sync step; False: naive per-tensor copies and device checks
     tables: str = "both"  # relative-bias tables: both | pos | time | none (a diagnostic of what they cost)
+    single: bool = False  # one batch stepped over and over (a diagnostic: the pair of rows below)
+    graph: bool = False  # that batch's whole step captured once as a CUDA graph and replayed (no launch cost)
 
 
 def model_config(run: Run, num_groups: int) -> ModelConfig:
@@ -199,20 +203,30 @@ def measure(run: Run, pool: list[Batch], specs, device: torch.device, steps: int
     cfg = model_config(run, len(SEQUENCES) + 1 + len(specs))
     model = StepModel(cfg, specs).to(device)
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=cuda)
+    # the single-batch rows keep the optimizer's step count on the device, as a CUDA graph needs
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=cuda, capturable=cuda and run.single)
+    if run.single:
+        pool = pool[:1]
     warmup = max(warmup, len(pool))  # every batch shape once before timing: autotuning stays out of the timed steps
     batches = [pool[i % len(pool)] for i in range(warmup + steps)]
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
-    def step(batch: Batch) -> torch.Tensor:
+    def forward_backward(batch: Batch) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(batch, no_sync=run.prefetch)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    def step(batch: Batch) -> torch.Tensor:
+        loss = forward_backward(batch)
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    if run.graph:
+        step = graphed_step(forward_backward, lambda: opt.zero_grad(set_to_none=True), pool[0], device, warmup)
+        warmup = 0
     if run.prefetch:
         source = iter(DevicePrefetcher(batches, device))
     else:
@@ -258,6 +272,29 @@ def measure(run: Run, pool: list[Batch], specs, device: torch.device, steps: int
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def graphed_step(forward_backward, zero_grad, batch: Batch, device: torch.device, warmup: int):
+    """The whole training step on ``batch`` (forward, backward, optimizer) captured once as a CUDA graph; returns a
+    ``step(batch)`` that replays it (its argument is ignored: the graph reads the captured batch's tensors). Warm-up
+    (autotuning included) runs eagerly on a side stream first, as graph capture requires."""
+    static = next(iter(DevicePrefetcher([batch], device)))
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            forward_backward(static)
+            zero_grad()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # gradients are None here: the captured backward writes them, replays rewrite them
+        loss = forward_backward(static)
+
+    def step(_: Batch) -> torch.Tensor:
+        graph.replay()
+        return loss
+
+    return step
 
 
 def profile_summary(prof, steps: int, top: int = 40) -> dict:
@@ -313,6 +350,11 @@ def plan(args) -> list[Run]:
         Run(f"{main} without bias tables (diagnostic)", main, "auto", big, tables="none"),
         Run(f"{main} position table only (diagnostic)", main, "auto", big, tables="pos"),
         Run(f"{main} time table only (diagnostic)", main, "auto", big, tables="time"),
+        Run(f"{main} one batch, eager (diagnostic)", main, "auto", big, single=True),
+        Run(f"{main} one batch, CUDA graph (diagnostic)", main, "auto", big, single=True, graph=True),
+        Run(f"{main} no tables, one batch, eager (diagnostic)", main, "auto", big, tables="none", single=True),
+        Run(f"{main} no tables, one batch, CUDA graph (diagnostic)", main, "auto", big, tables="none", single=True,
+            graph=True),
         Run(f"{main} auto @B={small}", main, "auto", small),
         Run(f"{main} reference @B={small}", main, "reference", small),
         Run(f"{main} dense attention @B={small}", main, "dense", small),
@@ -354,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = Lengths(args.history, args.realtime, args.targets)
     runs = plan(args)
     if args.smoke:
-        runs = [replace(r, preset="tiny") for r in runs]
+        runs = [replace(r, preset="tiny") for r in runs if not r.graph]  # CUDA graphs need a GPU
     rng = np.random.default_rng(0)
     pools: dict[int, list[Batch]] = {}
     for size in sorted({r.batch_size for r in runs}):
