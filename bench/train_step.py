@@ -224,9 +224,9 @@ def measure(run: Run, pool: list[Batch], specs, device: torch.device, steps: int
         opt.zero_grad(set_to_none=True)
         return loss
 
-    if run.graph:
+    if run.graph:  # warm-up happens before the capture: then every step is a timed replay
         step = graphed_step(forward_backward, lambda: opt.zero_grad(set_to_none=True), pool[0], device, warmup)
-        warmup = 0
+        batches, warmup = batches[warmup:], 0
     if run.prefetch:
         source = iter(DevicePrefetcher(batches, device))
     else:
