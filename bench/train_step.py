@@ -18,7 +18,7 @@ Per row: median step time (CUDA events between steps, after warm-up), samples/s,
 forward + backward) and its share of a measured 8192^3 bf16 matmul. The table is printed last; JSON goes
 to ``--out``.
 
-GPU:   python bench/train_step.py                      (about 3-6 minutes on one H100)
+GPU:   python bench/train_step.py                      (all rows: several minutes on one H100; --only picks rows)
 CPU:   python bench/train_step.py --smoke              (tiny preset, tiny batches; checks the script runs)
 
 Token embeddings are per-group Linear layers over random dense features (no torchrec needed); the
