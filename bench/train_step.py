@@ -180,7 +180,7 @@ class Run:
     prefetch: bool = True  # DevicePrefetcher + no-sync step; False: naive per-tensor copies and device checks
     tables: str = "both"  # relative-bias tables: both | pos | time | none (a diagnostic of what they cost)
     single: bool = False  # one batch stepped over and over (a diagnostic: the pair of rows below)
-    graph: bool = False  # that batch's whole step captured once as a CUDA graph and replayed (no launch cost)
+    graph: bool = False  # one batch's whole step captured once as a CUDA graph and replayed (no launch cost)
 
 
 def model_config(run: Run, num_groups: int) -> ModelConfig:
@@ -203,9 +203,10 @@ def measure(run: Run, pool: list[Batch], specs, device: torch.device, steps: int
     cfg = model_config(run, len(SEQUENCES) + 1 + len(specs))
     model = StepModel(cfg, specs).to(device)
     cuda = device.type == "cuda"
+    single = run.single or run.graph  # a graph replays one captured batch
     # the single-batch rows keep the optimizer's step count on the device, as a CUDA graph needs
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=cuda, capturable=cuda and run.single)
-    if run.single:
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=cuda, capturable=cuda and single)
+    if single:
         pool = pool[:1]
     warmup = max(warmup, len(pool))  # every batch shape once before timing: autotuning stays out of the timed steps
     batches = [pool[i % len(pool)] for i in range(warmup + steps)]
