@@ -26,6 +26,7 @@ from recfm.kernels.hstu_attention.triton_common import (
     allowed_tile,
     band_grads_add,
     bias_spans,
+    cached_bias,
     chunk_ranges,
     dot,
     flat_grads_add,
@@ -66,7 +67,7 @@ def _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, tt
     if MASKED:
         ok = ok & allowed_tile(MASK_MODE, vis_q[None, :], vis_k[:, None], pos_q[None, :], cols[:, None])
     if BIAS_IN:  # the forward's bias of every allowed pair (the bias cache), read transposed: no bucket work
-        st += tl.load(BIAS + rows[None, :] * BS + cols[:, None], mask=ok, other=0.0).to(tl.float32)
+        st += tl.trans(cached_bias(BIAS, BS, rows, row_ok, cols, col_ok))
     else:
         d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
         if HAS_POS or HAS_TIME:
@@ -193,8 +194,7 @@ def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq
         toep, x0 = toeplitz_args(qid, tile_ident(KEXT, kc0, kc1, start_n, BLOCK_N), start_m, start_n, P_HALF, False)
     if BIAS_IN:  # the bias cache: one 2D load (spans and buckets above serve only the table gradients)
         rows = start_m + tl.arange(0, q.shape[0])
-        s += tl.load(BIAS + rows[:, None] * BS + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                     other=0.0).to(tl.float32)
+        s += cached_bias(BIAS, BS, rows, row_ok, cols, col_ok)
     else:
         s = add_bias(s, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi, b_lo, b_hi, PTAB,
                      TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_LANES, toep, x0, False, TOEP)

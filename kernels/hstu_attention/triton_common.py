@@ -245,6 +245,17 @@ def spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS: tl.constexpr, HAS_TIME: 
 
 
 @triton.jit
+def cached_bias(BIAS, BS, rows, row_ok, cols, col_ok):
+    """Tile ``[rows, cols]`` of the bias cache (:func:`.triton_fwd.hstu_bias_kernel`) in float32, 0 outside
+    ``row_ok x col_ok``. The load is masked by rows only: a mask that varies along the contiguous columns
+    makes it a 2-byte load, which Triton's software pipeliner leaves synchronous (the tile then waited on
+    global memory once per key block); rows are ``BS`` elements, a multiple of every ``BLOCK_N``, so the
+    columns of a key tile past the sample's end are inside the row and are zeroed here."""
+    b = tl.load(BIAS + rows[:, None] * BS + cols[None, :], mask=row_ok[:, None], other=0.0)
+    return tl.where(col_ok[None, :], b.to(tl.float32), 0.0)
+
+
+@triton.jit
 def add_bias(s, ev_q, ev_k, tt_q, tt_k, d_lo, d_hi, b_lo, b_hi, PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
              HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, TB_LANES: tl.constexpr, toep, x0, KEY_ROWS: tl.constexpr,
              TOEP: tl.constexpr):

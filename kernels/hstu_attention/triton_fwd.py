@@ -28,6 +28,7 @@ from recfm.kernels.hstu_attention.triton_common import (
     key_tile,
     lane_lookup,
     bias_spans,
+    cached_bias,
     chunk_ranges,
     load_rows,
     pos_bucket,
@@ -65,8 +66,7 @@ def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq
     if TOEP:
         toep, x0 = toeplitz_args(qid, tile_ident(KEXT, kc0, kc1, start_n, BLOCK_N), start_m, start_n, P_HALF, False)
     if BIAS_IN:  # the bias cache (hstu_bias_kernel): one 2D load, no spans, buckets or table reads
-        s = raw * alpha + tl.load(BIAS + rows[:, None] * BS + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                                  other=0.0).to(tl.float32)
+        s = raw * alpha + cached_bias(BIAS, BS, rows, row_ok, cols, col_ok)
         if FAST:
             h = 0.5 * s
             a = h + h * tanh_approx(h)

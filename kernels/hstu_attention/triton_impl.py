@@ -58,6 +58,7 @@ LANE_KINDS = ("fwd", "dq", "dq_inline", "band")
 BIAS_CACHE = True
 BIAS_CACHE_MAX_LEN = 2048
 BIAS_CACHE_MAX_BYTES = 1 << 30
+BIAS_CACHE_COLS = 128  # cache rows are a multiple of this many columns: of every BLOCK_N (triton_common.cached_bias)
 
 
 def lanes_hold_time_table(num_tb: int) -> bool:
@@ -111,12 +112,12 @@ class _Plan:
     def cache_bias(self, q: torch.Tensor, num_q: int, backward: bool) -> None:
         """Allocate the bias cache (:data:`BIAS_CACHE`) when a table is on, a backward will read it and it fits
         :data:`BIAS_CACHE_MAX_BYTES` below :data:`BIAS_CACHE_MAX_LEN`: ``[h, N_q, BS]``, ``BS`` = ``max_len``
-        rounded up to 16 bytes."""
+        rounded up to :data:`BIAS_CACHE_COLS` (a key tile starting inside a row ends inside it)."""
         tables = self.meta["HAS_POS"] or self.meta["HAS_TIME"]
         if not (BIAS_CACHE and backward and tables and self.max_len < BIAS_CACHE_MAX_LEN):
             return
         size = torch.empty((), dtype=self.table_dtype).element_size()
-        row = -(-max(self.max_len, 1) * size // 16) * 16 // size
+        row = -(-max(self.max_len, 1) // BIAS_CACHE_COLS) * BIAS_CACHE_COLS
         if self.num_heads * num_q * row * size <= BIAS_CACHE_MAX_BYTES:
             self.bias_cache = torch.empty(self.num_heads, num_q, row, dtype=self.table_dtype, device=q.device)
 
