@@ -56,6 +56,8 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: both tables, dQ 32x64 8 warps", "medium", dict(STEP, dq_inline=(32, 64, 8, 2)), False),
     ("step d256: both tables, dQ 32x32 8 warps", "medium", dict(STEP, dq_inline=(32, 32, 8, 2)), False),
     ("step d256: both tables, dQ 32x64 3 stages", "medium", dict(STEP, dq_inline=(32, 64, 4, 3)), False),
+    # the forward with 3 stages once the bias cache's tile is pipelined (it takes a stage's shared memory)
+    ("step d256: both tables, fwd 128x32 3 stages", "medium", dict(STEP, fwd=(128, 32, 8, 3)), False),
 ]
 
 
