@@ -133,20 +133,29 @@ def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, n_
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
         dw_rows = dy * xhat
-        for gg in range(g_lo, g_hi + 1):
-            sel = (g == gg)[:, None]
-            sw = tl.reduce(tl.where(sel, dw_rows, 0.0), 0, _add)
-            sb = tl.reduce(tl.where(sel, dy, 0.0), 0, _add)
-            if gg != cur:
+        if g_lo == g_hi:  # one group (most tiles)
+            if g_lo != cur:
                 _flush(PART_W + part, cur, d, cols, acc_w)
                 if HAS_BIAS:
                     _flush(PART_B + part, cur, d, cols, acc_b)
-                acc_w = sw
-                acc_b = sb
-                cur = gg
-            else:
-                acc_w += sw
-                acc_b += sb
+                acc_w = tl.zeros_like(acc_w)
+                acc_b = tl.zeros_like(acc_b)
+                cur = g_lo
+            acc_w += tl.reduce(dw_rows, 0, _add)
+            acc_b += tl.reduce(dy, 0, _add)
+        else:  # unrolled over the groups (no inner loop: the tile loop stays innermost, so its loads pipeline)
+            for gg in tl.static_range(N_GROUPS):
+                if (gg >= g_lo) & (gg <= g_hi):
+                    sel = (g == gg)[:, None]
+                    if gg != cur:
+                        _flush(PART_W + part, cur, d, cols, acc_w)
+                        if HAS_BIAS:
+                            _flush(PART_B + part, cur, d, cols, acc_b)
+                        acc_w = tl.zeros_like(acc_w)
+                        acc_b = tl.zeros_like(acc_b)
+                        cur = gg
+                    acc_w += tl.reduce(tl.where(sel, dw_rows, 0.0), 0, _add)
+                    acc_b += tl.reduce(tl.where(sel, dy, 0.0), 0, _add)
     _flush(PART_W + part, cur, d, cols, acc_w)
     if HAS_BIAS:
         _flush(PART_B + part, cur, d, cols, acc_b)
