@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         elements, warps = (int(v) for v in tile.split("x"))
         triton_impl.BWD_ELEMENTS, triton_impl.BWD_WARPS = elements, warps
         try:
-            record(f"GLN(O) * U, fwd+bwd, triton, bwd tile {tile}", "triton", True, True, tile)
+            for gated in (False, True):
+                record(f"{'GLN(O) * U' if gated else 'GLN(x)'}, fwd+bwd, triton, bwd tile {tile}", "triton", gated, True,
+                       tile)
         finally:
             triton_impl.BWD_ELEMENTS, triton_impl.BWD_WARPS = default
     by = {(r["row"]): r["ms"] for r in rows}
