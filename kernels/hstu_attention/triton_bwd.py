@@ -33,6 +33,7 @@ from recfm.kernels.hstu_attention.triton_common import (
     flush_band_time,
     flush_clamped,
     flush_time,
+    grid_ids,
     key_ranges,
     key_tile,
     load_rows,
@@ -107,15 +108,12 @@ def hstu_dkdv_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-    BIAS_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BIAS_IN: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DK ``[N, H/GROUP, D_QK]``, DV ``[N, H/GROUP, D_V]`` (input dtype); other tensors as the forward. With
     ``BIAS_IN`` the bias is read from ``BIAS`` as the forward stored it (``BIAS_OUT``), not recomputed."""
-    b = tl.program_id(0)
-    kv_h = tl.program_id(1)
-    pid = tl.program_id(2)
-    n_prog = tl.num_programs(2)
+    b, kv_h, pid, n_prog = grid_ids(TILES_FIRST)
     H_KV: tl.constexpr = H // GROUP
     seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
     K += seq_start * KS + kv_h * D_QK
@@ -306,13 +304,11 @@ def _dq_program(
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """The query-major backward: the forward's loop over key tiles per query tile, see the two kernels."""
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    pid = tl.program_id(2)
-    n_prog = tl.num_programs(2)
+    b, g, pid, n_prog = grid_ids(TILES_FIRST)
     seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
     kv_h = g // GROUP
     Q += q_start * QS + g * D_QK
@@ -404,8 +400,9 @@ def hstu_dq_kernel(
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
+    TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """DQ ``[N_q, H, D_QK]`` (input dtype), and the table gradients (only when POS_GRAD / TIME_GRAD) into
     DPTAB/DTTAB, fp32 buffers laid out like the tables, accumulated in registers and added once per program.
@@ -417,8 +414,8 @@ def hstu_dq_kernel(
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
                 H, GROUP,
                 D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, BIAS_IN, BLOCK_M, BLOCK_N, BLOCK_DQK,
-                BLOCK_DV)
+                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, BIAS_IN, TILES_FIRST, BLOCK_M, BLOCK_N,
+                BLOCK_DQK, BLOCK_DV)
 
 
 @triton.jit
@@ -429,8 +426,9 @@ def hstu_band_grad_kernel(
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
+    TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """The table gradients of the ``SUPER x SUPER`` tiles that are not flat (near the diagonal, or across
     several time buckets), which :func:`hstu_dq_kernel` leaves out: ``dS`` recomputed in small tiles
@@ -441,5 +439,5 @@ def hstu_band_grad_kernel(
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
                 H, GROUP,
                 D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, BIAS_IN, BLOCK_M, BLOCK_N, BLOCK_DQK,
-                BLOCK_DV)
+                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, BIAS_IN, TILES_FIRST, BLOCK_M, BLOCK_N,
+                BLOCK_DQK, BLOCK_DV)

@@ -114,6 +114,23 @@ def time_bucket(tt_q, tt_k, TBND, NUM_TB, inv_log2_base):
 
 
 @triton.jit
+def grid_ids(TILES_FIRST: tl.constexpr):
+    """``(sample, head, tile program, tile programs)`` of this program. ``TILES_FIRST`` (the launcher's choice
+    up to 65535 samples, the grid's z limit): grid ``(tiles, heads, samples)``, so programs that start together
+    are the tiles of one sample and head, which read the same keys and values (they stay in L2: with samples
+    first, every resident program read its own sample's from DRAM). Else ``(samples, heads, tiles)``."""
+    if TILES_FIRST:
+        b = tl.program_id(2)
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+    else:
+        b = tl.program_id(0)
+        pid = tl.program_id(2)
+        n_prog = tl.num_programs(2)
+    return b, tl.program_id(1), pid, n_prog
+
+
+@triton.jit
 def sample_extent(OFF, QOFF, b, HAS_QIDX: tl.constexpr):
     """``(seq_start, L, q_start, q_len)`` of sample ``b``: its first token and length, its first query row and
     query count (the tokens themselves without target-only queries). Starts int64, lengths int32."""

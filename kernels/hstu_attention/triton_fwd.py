@@ -24,6 +24,7 @@ from recfm.kernels.hstu_attention.triton_common import (
     add_bias,
     allowed_tile,
     dot,
+    grid_ids,
     key_ranges,
     key_tile,
     lane_lookup,
@@ -102,18 +103,15 @@ def hstu_fwd_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-    BIAS_IN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BIAS_IN: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Q ``[N_q, H, D_QK]`` (rows grouped by sample, QOFF ``[B+1]``), K ``[N, H/GROUP, D_QK]``,
     V ``[N, H/GROUP, D_V]``, O ``[N_q, H, D_V]``; heads packed within a row, Q/K/V rows ``QS``/``KS``/``VS``
     elements apart (views of a wider projection read in place), O contiguous. LEN_KEY only keys the autotuner.
     With ``BIAS_IN`` the bias is read from ``BIAS [H, N_q, BS]`` (head stride ``BHS``; row: query row, column:
     key position in the sample) as :func:`hstu_bias_kernel` wrote it."""
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    pid = tl.program_id(2)
-    n_prog = tl.num_programs(2)
+    b, g, pid, n_prog = grid_ids(TILES_FIRST)
     COUNT: tl.constexpr = NORM == 1 and MASK_MODE == 2
     seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
     kv_h = g // GROUP

@@ -29,6 +29,8 @@ INTERPRET_SUPER = 16  # the table-gradient grid under the interpreter (tests als
 SUPER = 128  # the table-gradient grid on a GPU: at least every BLOCK_M / BLOCK_N below
 SPLIT_FROM_LEN = 2048  # from this max_len on, table gradients split between dq and band (else dq_inline)
 TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not worth the compile time)
+TILES_FIRST = True  # grid (tiles, heads, samples) up to MAX_GRID_Z samples (triton_common.grid_ids)
+MAX_GRID_Z = 65535
 KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
        "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN"]
 
@@ -163,14 +165,19 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
     slowest axis: the GPU starts every sample's and head's first tile (the heaviest causal one) before any
     second tile."""
     block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    tiles_first = TILES_FIRST and num_samples <= MAX_GRID_Z
+    meta = {**meta, "TILES_FIRST": tiles_first}
+
+    def order(tiles: int) -> tuple[int, int, int]:
+        return (tiles, num_heads, num_samples) if tiles_first else (num_samples, num_heads, tiles)
+
     if kind in ("dq", "dq_inline", "band"):  # see triton_common.scatter_add_grad
         meta = {**meta, "FEW_BUCKETS": 4 if interpreting() else 128,
                 "SUPER": INTERPRET_SUPER if interpreting() else SUPER, "INLINE": kind == "dq_inline"}
     if interpreting():
         _interpreter_index_fix()
         tiles = {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
-        grid = (num_samples, num_heads, _tiles(grid_rows, tiles[block]))
-        _KERNELS[kind][grid](*args, **meta, **tiles)
+        _KERNELS[kind][order(_tiles(grid_rows, tiles[block]))](*args, **meta, **tiles)
         return
     block_d = max(meta["BLOCK_DQK"], meta["BLOCK_DV"])
     heavy = config_class(kind, block_d, meta)
@@ -179,11 +186,11 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
             cfg = _PINNED[kind]
         else:
             cfg = configs(kind, block_d, heavy)[-1 if grid_rows < TUNE_FROM_LEN else 0]
-        grid = (num_samples, num_heads, _tiles(grid_rows, cfg.kwargs[block]))
-        _KERNELS[kind][grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _KERNELS[kind][order(_tiles(grid_rows, cfg.kwargs[block]))](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                                     num_stages=cfg.num_stages)
         return
 
     def tuned_grid(cfg):
-        return (num_samples, num_heads, _tiles(grid_rows, cfg[block]))
+        return order(_tiles(grid_rows, cfg[block]))
 
     _tuned(kind, block_d, heavy)[tuned_grid](*args, **meta)
