@@ -7,9 +7,7 @@ tokens of one scenario, as :mod:`recfm.foundation.data.batch` lays them out), we
 fp32. Two forms, as an HSTU layer calls them: ``GLN_in(x)`` and the gated ``GLN_attn(O) * U`` with ``U`` a
 column slice of the projection's output (read in place). Per row: forward and forward+backward time (median
 of ``triton.testing.do_bench``) and the bytes the Triton kernels must move (inputs read once, outputs written
-once) over that time, against the 3.35 TB/s of an H100's HBM3. ``--bwd-tiles`` times the backward at other
-tile sizes (``ELEMENTSxWARPS``, :data:`recfm.kernels.group_layer_norm.triton_impl.BWD_ELEMENTS` /
-``BWD_WARPS``) in the same run.
+once) over that time, against the 3.35 TB/s of an H100's HBM3.
 """
 
 from __future__ import annotations
@@ -75,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=81_000, help="tokens N (medium step at B 128: ~81k)")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--groups", type=int, default=7)
-    parser.add_argument("--bwd-tiles", nargs="*", default=[], help="ELEMENTSxWARPS backward tiles to time too")
     default_out = Path(__file__).resolve().parent / "results" / "group_layer_norm.json"
     parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args(argv)
@@ -84,18 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/group_layer_norm.py: no CUDA GPU here; nothing to time")
         return 0
-    from recfm.kernels.group_layer_norm import triton_impl
-
     tensors = make(args.rows, args.dim, args.groups)
     hbm = 3.35e12
     rows = []
     print(f"{'row':44s} {'ms':>8s} {'GB/s':>8s} {'% HBM':>6s}")
 
-    def record(label: str, impl: str, gated: bool, backward: bool, tile: str | None = None) -> None:
+    def record(label: str, impl: str, gated: bool, backward: bool) -> None:
         ms = time_row(impl, gated, tensors, backward)
         rate = moved_bytes(args.rows, args.dim, gated, backward) / (ms * 1e-3)
-        rows.append(dict(row=label, impl=impl, gated=gated, backward=backward, bwd_tile=tile, ms=ms,
-                         gb_per_s=rate / 1e9))
+        rows.append(dict(row=label, impl=impl, gated=gated, backward=backward, ms=ms, gb_per_s=rate / 1e9))
         print(f"{label:44s} {ms:8.3f} {rate / 1e9:8.0f} {100 * rate / hbm:6.1f}", flush=True)
 
     for gated in (False, True):
@@ -103,19 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         for backward in (False, True):
             for impl in ("reference", "triton"):
                 record(f"{form}, {'fwd+bwd' if backward else 'fwd'}, {impl}", impl, gated, backward)
-    default = getattr(triton_impl, "BWD_ELEMENTS", None), getattr(triton_impl, "BWD_WARPS", None)
-    for tile in args.bwd_tiles:
-        if default[0] is None:
-            print(f"this recfm has no backward tile setting: {tile} skipped")
-            break
-        elements, warps = (int(v) for v in tile.split("x"))
-        triton_impl.BWD_ELEMENTS, triton_impl.BWD_WARPS = elements, warps
-        try:
-            for gated in (False, True):
-                record(f"{'GLN(O) * U' if gated else 'GLN(x)'}, fwd+bwd, triton, bwd tile {tile}", "triton", gated, True,
-                       tile)
-        finally:
-            triton_impl.BWD_ELEMENTS, triton_impl.BWD_WARPS = default
     by = {(r["row"]): r["ms"] for r in rows}
     ratios = {f"{form}, {kind}: triton over reference": by[f"{form}, {kind}, reference"] / by[f"{form}, {kind}, triton"]
               for form in ("GLN(x)", "GLN(O) * U") for kind in ("fwd", "fwd+bwd")}

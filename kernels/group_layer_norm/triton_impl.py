@@ -73,40 +73,15 @@ def _gln_fwd(X, GROUP, W, B, GATE, Y, MEAN, RSTD, n_rows, d, eps, GATE_S,
 
 
 @triton.jit
-def _affine_rows(T, g, g_lo, g_hi, d, cols, ok, BLOCK_N: tl.constexpr):
-    """The ``[BLOCK_N, BLOCK_D]`` rows of a per-group table ``T [G, d]`` for rows of groups ``g`` (float32): one
-    row broadcast when the tile holds one group (most tiles), else one row per tile row."""
-    if g_lo == g_hi:
-        t = tl.load(T + g_lo * d + cols, mask=cols < d, other=0.0).to(tl.float32)
-        rows = tl.broadcast_to(t[None, :], (BLOCK_N, t.shape[0]))
-    else:
-        rows = tl.load(T + tl.maximum(g, 0)[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    return rows
-
-
-@triton.jit
-def _flush(PART, cur, d, cols, acc):
-    """``PART[cur] += acc`` (the program's own partial row: no atomics); nothing when ``cur < 0``."""
-    if cur >= 0:
-        ptr = PART + cur * d + cols
-        tl.store(ptr, tl.load(ptr, mask=cols < d, other=0.0) + acc, mask=cols < d)
-
-
-@triton.jit
 def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, n_rows, d, GATE_S,
-             tiles, N_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+             N_GROUPS: tl.constexpr, TILES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < d
     part = pid.to(tl.int64) * N_GROUPS * d
-    # the weight / bias gradients of group `cur` summed over this program's rows so far (registers); written to
-    # the program's partial row only when the group changes (rows are grouped in runs) and at the end
-    acc_w = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
-    cur = -1
-    for i in tl.range(0, tiles, num_stages=STAGES):  # stages: the next tile's loads overlap this tile's math
-        rows = (pid * tiles + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+    for i in range(0, TILES):
+        rows = (pid * TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
         ok = row_ok[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * d + cols[None, :]
@@ -114,16 +89,13 @@ def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, n_
         dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        g = tl.load(GROUP + rows, mask=row_ok, other=-1).to(tl.int32)
-        # the groups of the tile's valid rows lie in [g_lo, g_hi] (one group for most tiles)
-        g_lo = tl.min(tl.where(row_ok, g, N_GROUPS), 0)
-        g_hi = tl.max(g, 0)
-        w = _affine_rows(W, g, g_lo, g_hi, d, cols, ok, BLOCK_N)
+        g = tl.load(GROUP + rows, mask=row_ok, other=-1)
+        w = tl.load(W + tl.maximum(g, 0)[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_GATE:  # y = GLN(x) * gate: dgate = dy * GLN(x), and GLN's upstream gradient is dy * gate
             normed = xhat * w
             if HAS_BIAS:
-                normed += _affine_rows(B, g, g_lo, g_hi, d, cols, ok, BLOCK_N)
+                normed += tl.load(B + tl.maximum(g, 0)[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             tl.store(DGATE + offs, (dy * normed).to(DGATE.dtype.element_ty), mask=ok)
             goffs = rows.to(tl.int64)[:, None] * GATE_S + cols[None, :]
             dy = dy * tl.load(GATE + goffs, mask=ok, other=0.0).to(tl.float32)
@@ -133,53 +105,33 @@ def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, n_
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
         dw_rows = dy * xhat
-        if g_lo == g_hi:  # one group (most tiles)
-            if g_lo != cur:
-                _flush(PART_W + part, cur, d, cols, acc_w)
-                if HAS_BIAS:
-                    _flush(PART_B + part, cur, d, cols, acc_b)
-                acc_w = tl.zeros_like(acc_w)
-                acc_b = tl.zeros_like(acc_b)
-                cur = g_lo
-            acc_w += tl.reduce(dw_rows, 0, _add)
-            acc_b += tl.reduce(dy, 0, _add)
-        else:  # unrolled over the groups (no inner loop: the tile loop stays innermost, so its loads pipeline)
-            for gg in tl.static_range(N_GROUPS):
-                if (gg >= g_lo) & (gg <= g_hi):
-                    sel = (g == gg)[:, None]
-                    if gg != cur:
-                        _flush(PART_W + part, cur, d, cols, acc_w)
-                        if HAS_BIAS:
-                            _flush(PART_B + part, cur, d, cols, acc_b)
-                        acc_w = tl.zeros_like(acc_w)
-                        acc_b = tl.zeros_like(acc_b)
-                        cur = gg
-                    acc_w += tl.reduce(tl.where(sel, dw_rows, 0.0), 0, _add)
-                    acc_b += tl.reduce(tl.where(sel, dy, 0.0), 0, _add)
-    _flush(PART_W + part, cur, d, cols, acc_w)
-    if HAS_BIAS:
-        _flush(PART_B + part, cur, d, cols, acc_b)
+        # the groups of the tile's valid rows lie in [g_lo, g_hi]: one pass per group in that range (most
+        # tiles hold one group), instead of a presence test per group of the model
+        g_lo = tl.min(tl.where(row_ok, g, N_GROUPS), 0)
+        g_hi = tl.max(g, 0)
+        for gg in range(g_lo, g_hi + 1):
+            sel = g == gg
+            pw = PART_W + part + gg * d + cols
+            tl.store(pw, tl.load(pw, mask=col_ok, other=0.0)
+                     + tl.reduce(tl.where(sel[:, None], dw_rows, 0.0), 0, _add), mask=col_ok)
+            if HAS_BIAS:
+                pb = PART_B + part + gg * d + cols
+                tl.store(pb, tl.load(pb, mask=col_ok, other=0.0)
+                         + tl.reduce(tl.where(sel[:, None], dy, 0.0), 0, _add), mask=col_ok)
 
 
-BWD_ELEMENTS = 2048  # elements per backward tile (its rows: BWD_ELEMENTS // BLOCK_D, at least 1)
-BWD_WARPS = 4  # warps per backward program
-
-
-def _blocks(d: int, backward: bool = False) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_D, num_warps)``: about 4096 elements per tile forward; backward
-    :data:`BWD_ELEMENTS` with :data:`BWD_WARPS` (its loop keeps partial sums in registers: small tiles keep
-    several programs per SM)."""
+def _blocks(d: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_D, num_warps)``: about 4096 elements per tile."""
     block_d = triton.next_power_of_2(max(d, 1))
-    if backward:
-        return max(1, min(16, BWD_ELEMENTS // block_d)), block_d, BWD_WARPS
     block_n = max(1, min(16, 4096 // block_d))
-    return block_n, block_d, 4 if block_d <= 1024 else 8
+    num_warps = 4 if block_d <= 1024 else 8
+    return block_n, block_d, num_warps
 
 
 def _tiles_per_program(x: torch.Tensor, n_tiles: int) -> int:
-    """Tiles per program such that about ``4 x SMs`` programs cover ``n_tiles`` (CPU interpreter: 4 programs)."""
+    """A power of two such that about ``4 x SMs`` programs cover ``n_tiles`` (CPU interpreter: 4 programs)."""
     target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    return triton.cdiv(max(n_tiles, 1), target)
+    return min(triton.next_power_of_2(triton.cdiv(max(n_tiles, 1), target)), 256)
 
 
 class _GroupLayerNorm(torch.autograd.Function):
@@ -211,7 +163,7 @@ class _GroupLayerNorm(torch.autograd.Function):
         dy = dy.contiguous()
         dx = torch.empty_like(x)
         dgate = torch.empty(n, d, dtype=gate.dtype, device=x.device) if gate is not None else None
-        block_n, block_d, warps = _blocks(d, backward=True)
+        block_n, block_d, warps = _blocks(d)
         n_tiles = triton.cdiv(n, block_n)
         tiles = _tiles_per_program(x, n_tiles)
         programs = max(1, triton.cdiv(n_tiles, tiles))
@@ -221,8 +173,8 @@ class _GroupLayerNorm(torch.autograd.Function):
             index_fix()  # the tile's group range bounds a loop
             _gln_bwd[(programs,)](
                 x, group, weight, _or(bias, weight), _or(gate, x), dy, mean, rstd, dx, _or(dgate, dx),
-                part_w, part_b, n, d, _stride(gate), tiles, N_GROUPS=n_groups, HAS_BIAS=bias is not None,
-                HAS_GATE=gate is not None, BLOCK_N=block_n, BLOCK_D=block_d, STAGES=2, num_warps=warps,
+                part_w, part_b, n, d, _stride(gate), N_GROUPS=n_groups, TILES=tiles, HAS_BIAS=bias is not None,
+                HAS_GATE=gate is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
             )
         dw = part_w.sum(0).to(ctx.dtypes[0])
         db = part_b.sum(0).to(ctx.dtypes[1]) if bias is not None else None
