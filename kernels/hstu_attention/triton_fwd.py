@@ -1,8 +1,9 @@
 """Forward Triton kernel of HSTU attention (one query tile per program, keys streamed in blocks).
 
-Grid ``(B, h, cdiv(max_len, BLOCK_M))``: program ``(b, g, p)`` handles query head ``g`` of sample ``b``,
-query tiles ``n_prog - 1 - p, + n_prog, ...`` (the last, heaviest causal tiles of every sample and head
-start first; the stride loop also covers a sample with more query rows than ``max_len``). K/V rows are
+Grid ``(cdiv(max_len, BLOCK_M), h, B)`` (:func:`.triton_common.grid_ids`; ``(B, h, tiles)`` past 65535 samples):
+program ``(p, g, b)`` handles query head ``g`` of sample ``b``, query tiles ``n_prog - 1 - p, + n_prog, ...``
+(the programs of one sample and head run together and share its keys and values in L2, the heaviest causal
+tiles first; the stride loop also covers a sample with more query rows than ``max_len``). K/V rows are
 read from the kv head ``g // GROUP`` in place (GQA without repeating K/V). Per key block::
 
     s = alpha * q @ k^T + pos_bias + time_bias      [BLOCK_M, BLOCK_N] fp32

@@ -160,10 +160,11 @@ def untuned():
 
 
 def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tuple, meta: dict) -> None:
-    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dq_inline`` | ``dkdv`` | ``band``) over ``(num_samples, num_heads,
-    cdiv(grid_rows, tile))`` programs; the tile is BLOCK_M (fwd, dq, band) or BLOCK_N (dkdv). Tiles on the
-    slowest axis: the GPU starts every sample's and head's first tile (the heaviest causal one) before any
-    second tile."""
+    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dq_inline`` | ``dkdv`` | ``band``) over ``num_samples x num_heads x
+    cdiv(grid_rows, tile)`` programs; the tile is BLOCK_M (fwd, dq, band) or BLOCK_N (dkdv). Tiles on the fastest
+    grid axis (:data:`TILES_FIRST`, up to :data:`MAX_GRID_Z` samples): the programs that run together are the
+    tiles of one sample and head, which share its keys and values in L2; each program starts with its heaviest
+    causal tile (the kernels' tile loop runs from the last)."""
     block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
     tiles_first = TILES_FIRST and num_samples <= MAX_GRID_Z
     meta = {**meta, "TILES_FIRST": tiles_first}
