@@ -118,8 +118,8 @@ def tuned_configs() -> dict[str, str]:
 
 
 def _tiles(rows: int, block: int) -> int:
-    """Programs along the tile axis (at most 65535, the grid's z limit; the kernels' stride loops cover
-    any further tiles)."""
+    """Programs along the tile axis (at most 65535, the grid's z limit where samples come first; the kernels'
+    stride loops cover any further tiles)."""
     return min(max(1, triton.cdiv(rows, block)), 65535)
 
 
