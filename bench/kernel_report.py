@@ -164,8 +164,7 @@ def report(variant: str, length: int, samples: int, pins: str) -> list[dict]:
     with compile_only() as compiled, blocks:
         out = hstu_attention(q, k, v, batch["offsets"], impl="triton", validate=False, **kw, **leaves)
         out.backward(torch.zeros_like(out))
-    kinds = {"hstu_dq_kernel": "dq"}
-    return [dict(describe(name, kernel, warps), kind=kinds.get(name, name)) for name, kernel, warps in compiled]
+    return [describe(name, kernel, warps) for name, kernel, warps in compiled]
 
 
 def main(argv: list[str] | None = None) -> int:

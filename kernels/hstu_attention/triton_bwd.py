@@ -7,11 +7,11 @@ With ``s = alpha q.k + bias``, ``w = silu(s) * M / n``, ``O = w @ v``::
 
 ``silu'`` comes from the recomputed scores (nothing but ``1/n`` of the ``keys`` normaliser is saved).
 
-* :func:`hstu_dkdv_kernel` -- grid ``(B, h_kv, cdiv(max_len, BLOCK_N))``: one key tile of one kv head,
-  looping over the GROUP query heads that share it and over the query tiles of
+* :func:`hstu_dkdv_kernel` -- grid ``(cdiv(max_len, BLOCK_N), h_kv, B)`` (:func:`.triton_common.grid_ids`):
+  one key tile of one kv head, looping over the GROUP query heads that share it and over the query tiles of
   :func:`.triton_common.query_ranges`; dK/dV accumulate in fp32 registers and are written once (no atomics,
   no repeated K/V).
-* :func:`hstu_dq_kernel` -- grid ``(B, h, cdiv(max_len, BLOCK_M))``: the forward's loop, accumulating dQ;
+* :func:`hstu_dq_kernel` -- grid ``(cdiv(max_len, BLOCK_M), h, B)``: the forward's loop, accumulating dQ;
   the bias-table gradients are atomic adds into fp32 ``[rows, buckets]`` buffers (one atomic per tile when
   the whole tile falls in one bucket, as far from the diagonal or for large time gaps).
 """
@@ -112,7 +112,8 @@ def hstu_dkdv_kernel(
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DK ``[N, H/GROUP, D_QK]``, DV ``[N, H/GROUP, D_V]`` (input dtype); other tensors as the forward. With
-    ``BIAS_IN`` the bias is read from ``BIAS`` as the forward stored it (``BIAS_OUT``), not recomputed."""
+    ``BIAS_IN`` the bias is read from the cache ``BIAS`` as :func:`.triton_fwd.hstu_bias_kernel` wrote it, not
+    recomputed."""
     b, kv_h, pid, n_prog = grid_ids(TILES_FIRST)
     H_KV: tl.constexpr = H // GROUP
     seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)

@@ -51,8 +51,9 @@ LANE_KINDS = ("fwd", "dq", "dq_inline", "band")
 
 # The bias cache: with a table and a backward to come, one kernel (triton_fwd.hstu_bias_kernel) writes the bias
 # of every pair a query may see, once for all heads' buckets, and the forward, dQ and dK/dV kernels read it as one
-# 2D load per tile instead of spans, buckets and table reads per score (docs/kernels.md). [h, N_q, max_len] in
-# the tables' dtype, kept until the backward. Made only below BIAS_CACHE_MAX_LEN, where it was measured to pay
+# 2D load per tile instead of spans, buckets and table reads per score (docs/kernels.md). [h, N_q, BS] (BS:
+# max_len rounded up to BIAS_CACHE_COLS) in the tables' dtype, kept until the backward. Made only below
+# BIAS_CACHE_MAX_LEN, where it was measured to pay
 # (H100: the medium step's attention 1.11x at max_len ~1,150; none at L 4096, where dQ splits its work with the
 # band kernel) and up to BIAS_CACHE_MAX_BYTES per call; otherwise the kernels compute the bias themselves.
 BIAS_CACHE = True
