@@ -25,8 +25,13 @@ D256 = dict(fwd=(128, 64, 8, 2), dq=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # d 2
 STEP = dict(fwd=(128, 32, 8, 2), dq=(64, 64, 8, 2), dq_inline=(32, 32, 4, 2), dkdv=(32, 64, 8, 2))
 STEP_PLAIN = dict(fwd=(128, 32, 8, 3), dq=(128, 32, 8, 3), dkdv=(32, 64, 8, 3))
 STEP_SPLIT = dict(STEP, band=(32, 32, 4, 2))
-KINDS = ("fwd", "bias", "dq", "band", "dkdv")
-ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band[, frozen tables])
+# the step's tables with the dS buffer: dQ in the blocks of attention without tables, storing dS; dsgrad reads it
+STEP_ONE_PASS = dict(STEP, fwd=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # the autotuner's forward and dK/dV in the step
+STEP_DS = dict(STEP_ONE_PASS, dq=(128, 32, 8, 2), dsgrad=(16, 32, 1, 2))
+KINDS = ("fwd", "bias", "dq", "band", "dsgrad", "dkdv")
+KERNEL_NAMES = {"band": "hstu_band_grad_kernel", "dsgrad": "hstu_ds_grad_kernel"}  # others: hstu_{kind}_kernel
+ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band[, options])
+    # options: {"frozen": True} the tables take no gradient; {"ds_buffer": False} no dS buffer (one dQ pass)
     ("no tables, light blocks", "mixed-nobias", LIGHT, True),
     ("position table", "mixed-pos", HEAVY, True),
     ("time table", "mixed-time", HEAVY, True),
@@ -42,7 +47,7 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: position table", "medium-pos", STEP, False),
     ("step d256: time table", "medium-time", STEP, False),
     ("step d256: both tables", "medium", STEP, False),
-    ("step d256: both tables, frozen", "medium", STEP, False, True),
+    ("step d256: both tables, frozen", "medium", STEP, False, {"frozen": True}),
     ("step d256: both tables, split", "medium", STEP_SPLIT, True),
     ("step d256: both tables, dQ 64x32", "medium", dict(STEP, dq_inline=(64, 32, 8, 2)), False),
     # the one-pass dQ's small tiles with fewer warps or more stages (cross-warp reductions of the table gradients)
@@ -58,6 +63,24 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: both tables, dQ 32x64 3 stages", "medium", dict(STEP, dq_inline=(32, 64, 4, 3)), False),
     # the forward with 3 stages once the bias cache's tile is pipelined (it takes a stage's shared memory)
     ("step d256: both tables, fwd 128x32 3 stages", "medium", dict(STEP, fwd=(128, 32, 8, 3)), False),
+    # the table gradients from a stored dS (triton_impl.DS_BUFFER) against the one dQ pass, and their block sizes
+    ("step d256: both tables, one dQ pass", "medium", STEP_ONE_PASS, False, {"ds_buffer": False}),
+    ("step d256: both tables, dS buffer", "medium", STEP_DS, False),
+    ("step d256: position table, dS buffer", "medium-pos", STEP_DS, False),
+    ("step d256: time table, dS buffer", "medium-time", STEP_DS, False),
+    ("step d256: both tables, dS buffer, dsgrad 64x32 4 warps", "medium", dict(STEP_DS, dsgrad=(64, 32, 4, 2)), False),
+    ("step d256: both tables, dS buffer, dsgrad 32x32 4 warps", "medium", dict(STEP_DS, dsgrad=(32, 32, 4, 2)), False),
+    ("step d256: both tables, dS buffer, dsgrad 64x32 2 warps", "medium", dict(STEP_DS, dsgrad=(64, 32, 2, 2)), False),
+    ("step d256: both tables, dS buffer, dsgrad 32x64 4 warps", "medium", dict(STEP_DS, dsgrad=(32, 64, 4, 2)), False),
+    ("step d256: both tables, dS buffer, dsgrad 32x32 1 warp", "medium", dict(STEP_DS, dsgrad=(32, 32, 1, 2)), False),
+    ("step d256: both tables, dS buffer, dsgrad 16x32 1 warp", "medium", dict(STEP_DS, dsgrad=(16, 32, 1, 2)), False),
+    ("step d256: both tables, dS buffer, dsgrad 16x32 2 warps", "medium", dict(STEP_DS, dsgrad=(16, 32, 2, 2)), False),
+    ("step d256: both tables, dS buffer, dsgrad 32x16 1 warp", "medium", dict(STEP_DS, dsgrad=(32, 16, 1, 2)), False),
+    ("step d256: both tables, dS buffer, dsgrad 16x16 1 warp", "medium", dict(STEP_DS, dsgrad=(16, 16, 1, 2)), False),
+    ("step d256: both tables, dS buffer, dsgrad 16x64 1 warp", "medium", dict(STEP_DS, dsgrad=(16, 64, 1, 2)), False),
+    ("step d256: both tables, dS buffer, dsgrad 16x32 1 warp 3 stages", "medium", dict(STEP_DS, dsgrad=(16, 32, 1, 3)),
+     False),
+    ("step d256: both tables, dS buffer, dq 64x32 3 stages", "medium", dict(STEP_DS, dq=(64, 32, 4, 3)), False),
 ]
 
 
@@ -132,15 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'row':32s} " + " ".join(f"{kind + ' ms':>8s}" for kind in KINDS) + f" {'all ms':>8s} {'check':>8s}")
     from recfm.kernels.hstu_attention import triton_launch
 
-    for label, variant, pins, split, *frozen in ROWS:
+    from recfm.kernels.hstu_attention import triton_impl
+
+    for label, variant, pins, split, *options in ROWS:
         if args.rows and not any(label == word[1:] if word.startswith("=") else word in label for word in args.rows):
             continue
+        opts = options[0] if options else {}
         triton_launch.SPLIT_FROM_LEN = 0 if split else 1 << 30  # both the profile and the check follow the row
-        kernels = profile_row(variant, pins, args.steps, args.length, args.tokens, bool(frozen and frozen[0]))
+        if hasattr(triton_impl, "DS_BUFFER"):
+            triton_impl.DS_BUFFER = opts.get("ds_buffer", True)
+        kernels = profile_row(variant, pins, args.steps, args.length, args.tokens, opts.get("frozen", False))
         check = check_row(variant, pins)
-        rows.append(dict(row=label, variant=variant, pinned=pins, split=split, frozen=bool(frozen and frozen[0]),
-                         kernels_ms=kernels, check=check))
-        ms = [kernels.get(f"hstu_{'band_grad' if kind == 'band' else kind}_kernel", 0.0) for kind in KINDS]
+        rows.append(dict(row=label, variant=variant, pinned=pins, split=split, frozen=opts.get("frozen", False),
+                         ds_buffer=opts.get("ds_buffer", True), kernels_ms=kernels, check=check))
+        ms = [kernels.get(KERNEL_NAMES.get(kind, f"hstu_{kind}_kernel"), 0.0) for kind in KINDS]
         total = sum(kernels.values())
         print(f"{label:32s} " + " ".join(f"{t:8.3f}" for t in ms) + f" {total:8.3f} {check:8.1e}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

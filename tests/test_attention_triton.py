@@ -183,14 +183,18 @@ def tile_path_batch():
 
 
 @pytest.mark.parametrize("mode", ["full", "causal", "mixed", "mixed, query rows"])
-@pytest.mark.parametrize("base, grid", [(2.0, None), (1.5, None), (2.0, 16), (1.5, 16), (2.0, 32)])
+@pytest.mark.parametrize("base, grid", [(2.0, None), (1.5, None), (2.0, "one pass"), (1.5, "one pass"), (2.0, 16),
+                                        (1.5, 16), (2.0, 32)])
 def test_bias_tile_paths(mode, base, grid, monkeypatch):
-    # a wrong scalar, select or clamp on any per-tile path changes the output or a table gradient. Grid None:
-    # one dQ pass adds every tile's table gradients (short batches). Otherwise the split of long batches: the
-    # dQ kernel adds those of flat grid cells, the band kernel the others; a grid of one tile sends every
-    # flat tile to the dQ kernel's registers, a grid of 2 x 2 tiles sends flat tiles of mixed cells to the
-    # band kernel
-    if grid is not None:
+    # a wrong scalar, select or clamp on any per-tile path changes the output or a table gradient. Grid None
+    # (short batches, with the bias cache): the dQ kernel stores dS and the table-gradient kernel adds every
+    # tile's table gradients from it; "one pass": no dS buffer, one dQ pass adds them itself. Otherwise the
+    # split of long batches: the dQ kernel adds those of flat grid cells, the band kernel the others; a grid of
+    # one tile sends every flat tile to the dQ kernel's registers, a grid of 2 x 2 tiles sends flat tiles of
+    # mixed cells to the band kernel
+    if grid == "one pass":
+        monkeypatch.setattr(triton_impl, "DS_BUFFER", False)
+    elif grid is not None:
         monkeypatch.setattr(triton_launch, "SPLIT_FROM_LEN", 0)
         monkeypatch.setattr(triton_launch, "INTERPRET_SUPER", grid)
     # "query rows": a target layer's query-only rows (here every H row of a few tiles and every R/T row, in
@@ -319,6 +323,56 @@ def test_bias_cache(mode, targets, monkeypatch):
     assert torch.equal(bad[0], got[0])
     for i in (1, 2, 3):
         assert (bad[i] - got[i]).norm() > 0.01 * got[i].norm()
+
+
+@pytest.mark.parametrize("mode", ["causal", "mixed"])
+@pytest.mark.parametrize("targets", [False, True])
+def test_table_gradients_from_stored_ds(mode, targets, monkeypatch):
+    # with the bias cache, the dQ kernel stores dS (DS_OUT) and computes no table gradient; the table-gradient
+    # kernel reads it back: the launches are dkdv, dq (storing), dsgrad; the result is the one-pass dQ's (and the
+    # reference's); the gradients really come from the buffer (corrupting it before dsgrad changes both table
+    # gradients and nothing else); over DS_BUFFER_MAX_BYTES the one pass runs instead
+    q, k, v, offsets, types, stamps = tile_path_batch()
+    kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
+              time_bucket_base=2.0)
+    if targets:
+        kw["query_index"] = query_rows("targets" if mode == "mixed" else "spread", types, 3)
+        q = q[: kw["query_index"].numel()]
+    tabs = (table(2, 9, 51), table(2, 32, 52))
+    real_launch = triton_impl.launch
+    launches = []
+
+    def spy(kind, *args):
+        launches.append((kind, args[-1].get("DS_OUT", False)))
+        real_launch(kind, *args)
+
+    monkeypatch.setattr(triton_impl, "launch", spy)
+    got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    assert launches == [("fwd", False), ("dkdv", False), ("dq", True), ("dsgrad", False)]
+    assert_close_rel(got, forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
+    monkeypatch.setattr(triton_impl, "DS_BUFFER", False)
+    launches.clear()
+    one_pass = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    assert [kind for kind, _ in launches] == ["fwd", "dkdv", "dq_inline"]
+    assert_close_rel(got, one_pass, 1e-5)
+    monkeypatch.setattr(triton_impl, "DS_BUFFER", True)
+    monkeypatch.setattr(triton_impl, "DS_BUFFER_MAX_BYTES", 0)
+    launches.clear()
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
+    assert [kind for kind, _ in launches] == ["fwd", "dkdv", "dq_inline"]
+    monkeypatch.setattr(triton_impl, "DS_BUFFER_MAX_BYTES", 2 << 30)
+
+    def corrupting(kind, *args):
+        if kind == "dsgrad":
+            args[3][-1].add_(1.0)  # the dS buffer (kernel argument DSB), just before the table-gradient kernel
+        real_launch(kind, *args)
+
+    monkeypatch.setattr(triton_impl, "launch", corrupting)
+    bad = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    for i in range(4):
+        assert torch.equal(bad[i], got[i])
+    for i in (4, 5):
+        assert (bad[i] - got[i]).norm() > 0.1 * got[i].norm()
 
 
 def test_qkv_read_in_place_from_a_wider_projection():

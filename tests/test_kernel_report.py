@@ -30,11 +30,13 @@ def test_bias_cache_tile_is_loaded_ahead(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"hstu_bias_kernel", "hstu_fwd_kernel", "hstu_dq_kernel", "hstu_dkdv_kernel"}
+    # the table gradients come from the dS the dQ kernel stores (triton_impl.DS_BUFFER)
+    assert set(rows) == {"hstu_bias_kernel", "hstu_fwd_kernel", "hstu_dq_kernel", "hstu_ds_grad_kernel",
+                         "hstu_dkdv_kernel"}
     from bench.attention_profile import STEP
 
-    # the kernels' [BLOCK_M, BLOCK_N] bias tile at the step's pinned block sizes (dq: the one-pass dq_inline)
-    for kernel, (block_m, block_n, *_) in (("hstu_fwd_kernel", STEP["fwd"]), ("hstu_dq_kernel", STEP["dq_inline"]),
+    # the kernels' [BLOCK_M, BLOCK_N] bias tile at the step's pinned block sizes
+    for kernel, (block_m, block_n, *_) in (("hstu_fwd_kernel", STEP["fwd"]), ("hstu_dq_kernel", STEP["dq"]),
                                            ("hstu_dkdv_kernel", STEP["dkdv"])):
         row = rows[kernel]
         tiles = {f"{block_m}x{block_n} bf16", f"{block_n}x{block_m} bf16"}

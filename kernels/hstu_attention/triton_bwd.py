@@ -207,15 +207,36 @@ def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq
 
 
 @triton.jit
+def _ds_stored(row_ok, pos_q, vis_q, evq_lo, evq_hi, ttq_lo, ttq_hi, start_m, VIS, TT, POS, TBND, KEXT, kc0, kc1, L,
+               start_n, NUM_TB, inv_log2_base, DSB, BS, MASKED: tl.constexpr, MASK_MODE: tl.constexpr,
+               HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``dS`` of one key tile as the dQ kernel stored it (``DS_OUT``), for the table-gradient kernel: read only
+    where the pair is allowed (the dQ kernel's own tiles, of another BLOCK_N, cover every allowed pair, not the
+    rest of a row), with the key tile and its bias spans as :func:`_ds_tile` returns them."""
+    cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, start_n, MASKED and MASK_MODE == 2, HAS_TIME,
+                                               HAS_POS, BLOCK_N)
+    evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, start_n, BLOCK_N, HAS_POS, HAS_TIME)
+    d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND, NUM_TB,
+                                        inv_log2_base, HAS_TIME)
+    ok = row_ok[:, None] & col_ok[None, :]
+    if MASKED:
+        ok = ok & allowed_tile(MASK_MODE, vis_q[:, None], vis_k[None, :], pos_q[:, None], cols[None, :])
+    rows = start_m + tl.arange(0, BLOCK_M)
+    ds = tl.load(DSB + rows[:, None] * BS + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    return ds, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi
+
+
+@triton.jit
 def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo,
              ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, DPTAB,
-             DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS: tl.constexpr, VS: tl.constexpr,
+             DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS: tl.constexpr, VS: tl.constexpr,
              D_QK: tl.constexpr,
              D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr,
              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
              TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr,
-             INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr):
+             INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
+             DS_OUT: tl.constexpr, DS_IN: tl.constexpr):
     """One key tile of :func:`_dq_program`: ``dQ += dS k`` and the table gradients of flat super-tiles
     (``BAND`` false), or only the table gradients of the other super-tiles (``BAND`` true)."""
     GRADS: tl.constexpr = POS_GRAD or TIME_GRAD
@@ -235,11 +256,21 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
                                            pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
                                            FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
     else:
-        ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
-            q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V, VIS, TT,
-            POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS, VS, D_QK, D_V,
-            MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN)
-        dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
+        if DS_IN:  # the table-gradient kernel: dS as the dQ kernel stored it, no products
+            ds, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_stored(
+                row_ok, pos_q, vis_q, evq_lo, evq_hi, ttq_lo, ttq_hi, start_m, VIS, TT, POS, TBND, KEXT, kc0, kc1, L,
+                start_n, NUM_TB, inv_log2_base, DSB, BS, MASKED, MASK_MODE, HAS_POS, HAS_TIME, BLOCK_M, BLOCK_N)
+        else:
+            ds, k, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_tile(
+                q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V, VIS,
+                TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS,
+                VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV,
+                TB_LANES, TOEP, BIAS_IN)
+            dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
+            if DS_OUT:  # for the table-gradient kernel: the whole tile (zeros outside the mask), masked by rows only
+                rows = start_m + tl.arange(0, BLOCK_M)
+                cols = start_n + tl.arange(0, BLOCK_N)
+                tl.store(DSB + rows[:, None] * BS + cols[None, :], ds.to(DSB.dtype.element_ty), mask=row_ok[:, None])
         if GRADS and INLINE:  # every tile here, by its own spans
             if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
                 pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
@@ -260,14 +291,14 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
 @triton.jit
 def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q,
               evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND,
-              KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS: tl.constexpr,
+              KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS: tl.constexpr,
               VS: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr, MASK_MODE: tl.constexpr,
               HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr,
               POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr,
               SUPER: tl.constexpr, INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-              BIAS_IN: tl.constexpr):
+              BIAS_IN: tl.constexpr, DS_OUT: tl.constexpr, DS_IN: tl.constexpr):
     """:func:`_dq_step` over the key tiles of ``[lo, hi)`` (multiples of BLOCK_N). The band kernel walks the
     ``SUPER``-wide key cells instead, judges each cell's flatness once and skips the flat ones whole: per
     flat cell one span test instead of one per small tile (at L 4096 the mixed layer's band kernel went
@@ -283,30 +314,30 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
                         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q,
                         evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
                         TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
-                        BIAS, BS, KS, VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
-                        BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN)
+                        BIAS, BS, DSB, KS, VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
+                        BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN)
     else:
         for start_n in range(lo, hi, BLOCK_N):
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
                 dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo,
                 evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT,
-                kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS, VS, D_QK, D_V, MASKED,
+                kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS, VS, D_QK, D_V, MASKED,
                 MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN)
+                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN)
     return dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb
 
 
 @triton.jit
 def _dq_program(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
-    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, BIAS, BS, BHS,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, BIAS, BS, BHS, DSB,
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
-    TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    DS_OUT: tl.constexpr, DS_IN: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The query-major backward: the forward's loop over key tiles per query tile, see the two kernels."""
     b, g, pid, n_prog = grid_ids(TILES_FIRST)
@@ -329,6 +360,8 @@ def _dq_program(
     DTTAB += g * ttab_stride
     if BIAS_IN:
         BIAS += g * BHS + q_start * BS
+    if DS_OUT or DS_IN:  # the dS buffer, laid out as the bias cache
+        DSB += g * BHS + q_start * BS
     kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, HAS_POS or HAS_TIME)
     pg_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     pg_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -341,14 +374,19 @@ def _dq_program(
         rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
             QTOK, TYPE, VIS, TT, POS, seq_start, q_len, m * BLOCK_M, HAS_QIDX, MASK_MODE == 2, MASK_MODE == 2, HAS_TIME,
             HAS_POS, BLOCK_M)
-        q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
-        do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
-        if NORM == 0:
-            inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + 1.0 / L.to(tl.float32)
-        elif NORM == 1:
-            inv_n = tl.load(INVN + rows, mask=row_ok, other=0.0)[:, None]
+        if DS_IN:  # no products: placeholders
+            q = tl.zeros([1], dtype=tl.float32)
+            do = q
+            inv_n = q
         else:
-            inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + norm_const
+            q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
+            do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
+            if NORM == 0:
+                inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + 1.0 / L.to(tl.float32)
+            elif NORM == 1:
+                inv_n = tl.load(INVN + rows, mask=row_ok, other=0.0)[:, None]
+            else:
+                inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + norm_const
         evq_lo, evq_hi, ttq_lo, ttq_hi = 0, 0, 0, 0
         sq_lo, sq_hi, sqt_lo, sqt_hi = 0, 0, 0, 0
         if HAS_POS or HAS_TIME:
@@ -362,27 +400,27 @@ def _dq_program(
             qid = tile_ident(QEXT, qc0, qc1, start_m, BLOCK_M)
         free_end, masked_end, extra_lo, extra_hi = key_ranges(MASK_MODE, L, pos_q, type_q, row_ok, STATS, b,
                                                               BLOCK_N)
-        dqa = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+        dqa = tl.zeros([1 if DS_IN else BLOCK_M, 1 if DS_IN else BLOCK_DQK], dtype=tl.float32)
         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
             0, free_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q,
             ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB,
-            TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS, VS, D_QK, D_V, False,
+            TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS, VS, D_QK, D_V, False,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN)
+            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN)
         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
             free_end, masked_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
             tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
-            TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS, VS, D_QK, D_V, True,
+            TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS, VS, D_QK, D_V, True,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN)
+            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN)
         if MASK_MODE == 2:
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
                 extra_lo, extra_hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
                 tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
-                TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS, VS, D_QK, D_V,
+                TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS, VS, D_QK, D_V,
                 True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN)
-        if not BAND:
+                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN)
+        if not BAND and not DS_IN:
             store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)
     if POS_GRAD:
         flush_clamped(DPTAB, pg_lo, pg_hi, P_HALF)
@@ -397,12 +435,12 @@ def _dq_program(
 def hstu_dq_kernel(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
     QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS,
-    BHS, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    BHS, DSB, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
-    TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    DS_OUT: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     """DQ ``[N_q, H, D_QK]`` (input dtype), and the table gradients (only when POS_GRAD / TIME_GRAD) into
@@ -413,9 +451,10 @@ def hstu_dq_kernel(
     :func:`hstu_band_grad_kernel` does the rest (long samples: dQ keeps large tiles)."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
-                H, GROUP,
+                DSB, H, GROUP,
                 D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, BIAS_IN, TILES_FIRST, BLOCK_M, BLOCK_N,
+                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, False, TILES_FIRST, BLOCK_M,
+                BLOCK_N,
                 BLOCK_DQK, BLOCK_DV)
 
 
@@ -423,12 +462,12 @@ def hstu_dq_kernel(
 def hstu_band_grad_kernel(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
     QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS,
-    BHS, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    BHS, DSB, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
-    TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    DS_OUT: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     """The table gradients of the ``SUPER x SUPER`` tiles that are not flat (near the diagonal, or across
@@ -438,7 +477,31 @@ def hstu_band_grad_kernel(
     BLOCK_M and BLOCK_N divide SUPER."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
-                H, GROUP,
+                DSB, H, GROUP,
                 D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, BIAS_IN, TILES_FIRST, BLOCK_M, BLOCK_N,
+                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, BIAS_IN, False, False, TILES_FIRST, BLOCK_M,
+                BLOCK_N,
                 BLOCK_DQK, BLOCK_DV)
+
+
+@triton.jit
+def hstu_ds_grad_kernel(
+    Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
+    QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS,
+    BHS, DSB, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr,
+    KS: tl.constexpr, VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
+    FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr,
+    TB_PAD: tl.constexpr, INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
+    DS_OUT: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """The table gradients from the ``dS`` that :func:`hstu_dq_kernel` stored (``DS_OUT``) in ``DSB`` ``[h, N_q,
+    BS]`` (the bias cache's layout and dtype: 16-bit inputs store dS rounded as the dQ product reads it): the one-pass dQ's per-tile paths (flat tiles: row sums; others:
+    :func:`.triton_common.band_grads_add`), with no products and no Q, K, V or dO read, so that the dQ kernel
+    keeps the large tiles of attention without tables and this kernel's tiles hold only the gradient state."""
+    _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
+                KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
+                DSB, H, GROUP, D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST,
+                FEW_BUCKETS, POS_GRAD, TIME_GRAD, False, SUPER, TB_PAD, True, TB_LANES, TOEP, BIAS_IN, False, True,
+                TILES_FIRST, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)

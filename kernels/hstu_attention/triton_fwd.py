@@ -207,7 +207,9 @@ def hstu_bias_kernel(
         cols, col_ok, _, tt_k, ev_k = key_tile(TT, TT + seq_start, POS + seq_start, L, k0, False, HAS_TIME, HAS_POS,
                                                BLOCK_N)
         out = BIAS + q_start * BS + rows[:, None] * BS + cols[None, :]
-        store_ok = row_ok[:, None] & col_ok[None, :]
+        # masked by rows only, as triton_common.cached_bias reads it: a mask along the contiguous columns splits the
+        # stores into 2-byte ones; columns past the sample end stay inside the row (BS >= max_len) and are not read
+        store_ok = row_ok[:, None]
         kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, True)
         evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, m * BLOCK_M, BLOCK_M, HAS_POS, HAS_TIME)
         evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, k0, BLOCK_N, HAS_POS, HAS_TIME)

@@ -46,7 +46,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 TOEP_KINDS = ("dkdv",)
 LANE_TABLE_MAX = 32  # time tables up to this size are read by warp shuffles (triton_common.lane_lookup)
 # kernels that do so: not dK/dV, which measured faster with the load on an H100 (docs/benchmarks.md, session 8)
-LANE_KINDS = ("fwd", "dq", "dq_inline", "band")
+LANE_KINDS = ("fwd", "dq", "dq_inline", "band", "dsgrad")
 
 
 # The bias cache: with a table and a backward to come, one kernel (triton_fwd.hstu_bias_kernel) writes the bias
@@ -60,6 +60,13 @@ BIAS_CACHE = True
 BIAS_CACHE_MAX_LEN = 2048
 BIAS_CACHE_MAX_BYTES = 1 << 30
 BIAS_CACHE_COLS = 128  # cache rows are a multiple of this many columns: of every BLOCK_N (triton_common.cached_bias)
+# The table gradients from a stored dS: where the bias cache is made, the dQ kernel stores dS (the cache's [h, N_q,
+# BS] layout and dtype: 16-bit inputs store dS rounded as the dQ product uses it) and computes no table gradient,
+# so it keeps the large tiles of attention without tables, and triton_bwd.hstu_ds_grad_kernel reads dS back for
+# them (no products, no Q/K/V/dO). Otherwise (no cache, or the buffer over DS_BUFFER_MAX_BYTES) one dQ pass with
+# small tiles adds them itself (dq_inline).
+DS_BUFFER = True
+DS_BUFFER_MAX_BYTES = 1 << 30
 
 
 def lanes_hold_time_table(num_tb: int) -> bool:
@@ -128,6 +135,14 @@ class _Plan:
         if c is None:
             return self.dummy_f, 0, 0
         return c, c.stride(1), c.stride(0)
+
+    def ds_buffer(self) -> torch.Tensor | None:
+        """The dS buffer of the backward (:data:`DS_BUFFER`): shaped, strided and typed as the bias cache, or
+        ``None`` without a cache or beyond :data:`DS_BUFFER_MAX_BYTES`."""
+        c = self.bias_cache
+        if not DS_BUFFER or c is None or c.numel() * c.element_size() > DS_BUFFER_MAX_BYTES:
+            return None
+        return torch.empty_like(c)
 
     def uses_toep(self, kind: str) -> bool:
         """Whether kernel ``kind`` reads Toeplitz position tiles (:data:`TOEP_KINDS`). The band kernel adds to
@@ -237,7 +252,8 @@ class _HSTUAttention(torch.autograd.Function):
                      TB_PAD=triton.next_power_of_2(plan.time_shape[1]) if plan.time_shape else 1)
         table_grads = grads["POS_GRAD"] or grads["TIME_GRAD"]
         split = table_grads and plan.max_len >= triton_launch.SPLIT_FROM_LEN
-        kind = "dq_inline" if table_grads and not split else "dq"
+        dsb = plan.ds_buffer() if table_grads and not split else None
+        kind = "dq_inline" if table_grads and not split and dsb is None else "dq"
         dpos = (torch.zeros(plan.pos_shape[0], plan.pos_width(kind), dtype=torch.float32, device=q_sorted.device)
                 if plan.pos_shape else plan.dummy_f)  # laid out like the table the dQ kernel reads
         dtime = (torch.zeros(plan.time_shape, dtype=torch.float32, device=q_sorted.device) if plan.time_shape
@@ -247,8 +263,14 @@ class _HSTUAttention(torch.autograd.Function):
                    (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv"), *plan.bias_args()),
                    plan.kernel_meta("dkdv"))
             args = (q_sorted, k, v, do, dq, dpos, dtime, *plan.tail(invn, pos_bias, time_bias, kind),
-                    *plan.bias_args())
-            launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.kernel_meta(kind), **grads})
+                    *plan.bias_args(), plan.dummy_f if dsb is None else dsb)
+            if dsb is not None:  # dQ stores dS, the table-gradient kernel reads it back
+                launch("dq", plan.max_len, plan.num_samples, plan.num_heads, args,
+                       {**plan.kernel_meta("dq"), **grads, "POS_GRAD": False, "TIME_GRAD": False, "DS_OUT": True})
+                launch("dsgrad", plan.max_len, plan.num_samples, plan.num_heads, args,
+                       {**plan.kernel_meta("dsgrad"), **grads})
+            else:
+                launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.kernel_meta(kind), **grads})
             if split:  # the table gradients of the cells dq leaves out
                 launch("band", plan.max_len, plan.num_samples, plan.num_heads, args,
                        {**plan.kernel_meta("band"), **grads})

@@ -2,13 +2,14 @@
 
 Batches with ``max_len < TUNE_FROM_LEN`` use one fixed config per kernel. Otherwise autotuning keys on
 ``LEN_KEY`` (``max_len`` rounded up to a power of two), head dims, heads, group, mask mode, flags and
-dtypes, so one GPU run picks a config per shape class. The dQ and band kernels' bias-gradient buffers are
-reset between trials (``reset_to_zero``) because they accumulate into them with atomics.
+dtypes, so one GPU run picks a config per shape class. The dQ, band and table-gradient kernels' bias-gradient
+buffers are reset between trials (``reset_to_zero``) because they accumulate into them with atomics.
 
 From ``SPLIT_FROM_LEN`` on, the table gradients are split between the dQ kernel (flat ``SUPER x SUPER``
 cells, in registers, large tiles) and the band kernel (the other cells, small tiles): both judge flatness on
 the same ``SUPER``-aligned grid, which every block size of both divides. Shorter batches, where most tiles
-lie near the diagonal, compute all of them in one dQ pass (``dq_inline``, small tiles).
+lie near the diagonal, take them from the dS the dQ kernel stores (``dsgrad``, with the bias cache:
+:data:`.triton_impl.DS_BUFFER`), else compute all of them in one dQ pass (``dq_inline``, small tiles).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import functools
 import triton
 import triton.testing
 
-from recfm.kernels.hstu_attention.triton_bwd import hstu_band_grad_kernel, hstu_dkdv_kernel, hstu_dq_kernel
+from recfm.kernels.hstu_attention.triton_bwd import (hstu_band_grad_kernel, hstu_dkdv_kernel, hstu_dq_kernel,
+                                                      hstu_ds_grad_kernel)
 from recfm.kernels.hstu_attention.triton_fwd import hstu_fwd_kernel
 from recfm.kernels.interpreter import index_fix as _interpreter_index_fix  # noqa: F401 - tests import it here
 from recfm.kernels.interpreter import interpreting
@@ -32,7 +34,7 @@ TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not 
 TILES_FIRST = True  # grid (tiles, heads, samples) up to MAX_GRID_Z samples (triton_common.grid_ids)
 MAX_GRID_Z = 65535
 KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
-       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN"]
+       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN", "DS_OUT"]
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -67,6 +69,11 @@ _CONFIGS = {
     ("band", 64, True): [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
     ("band", 128, True): [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
     ("band", 256, True): [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2)],
+    # the table gradients from the stored dS (no products: the tile holds only dS and the gradient state); one warp
+    # per 16 x 32 tile: 0.90 ms per layer at the medium step's shape against 1.51 for 64 x 32 in 4 warps (H100)
+    ("dsgrad", 64, True): [(16, 32, 1, 2), (32, 32, 1, 2), (32, 32, 2, 2), (16, 16, 1, 2)],
+    ("dsgrad", 128, True): [(16, 32, 1, 2), (32, 32, 1, 2), (32, 32, 2, 2), (16, 16, 1, 2)],
+    ("dsgrad", 256, True): [(16, 32, 1, 2), (32, 32, 1, 2), (32, 32, 2, 2), (16, 16, 1, 2)],
     ("dkdv", 64, True): [(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
     ("dkdv", 128, True): [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2)],
     ("dkdv", 256, True): [(32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 8, 2)],
@@ -74,6 +81,9 @@ _CONFIGS = {
     # per step against 7.62 for 128 x 64, which the autotuner had picked from the list without tables; since the
     # cache's tile is pipelined, 3 stages: 0.78 against 0.89 ms per layer at the step's shape
     ("fwd", 256, "cache"): [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2)],
+    # dQ reading the cache (and storing dS for the table-gradient kernel): the list without tables, but 128 x 32
+    # in 2 stages (3 need 256 KB of shared memory with the cache's tile)
+    ("dq", 256, "cache"): [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)],
 }
 
 
@@ -104,7 +114,7 @@ _TUNERS: dict[tuple[str, int, bool | str], object] = {}  # one autotuner per (ke
 def _tuned(kind: str, block_d: int, heavy: bool | str):
     if (kind, block_d, heavy) not in _TUNERS:
         bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
-        reset = ["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "band") else None
+        reset = ["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "band", "dsgrad") else None
         _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY, reset_to_zero=reset,
                                                         do_bench=bench)(_KERNELS[kind])
     return _TUNERS[kind, block_d, heavy]
@@ -124,7 +134,7 @@ def _tiles(rows: int, block: int) -> int:
 
 
 _KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dq_inline": hstu_dq_kernel, "dkdv": hstu_dkdv_kernel,
-            "band": hstu_band_grad_kernel}
+            "band": hstu_band_grad_kernel, "dsgrad": hstu_ds_grad_kernel}
 _PINNED: dict[str, triton.Config] = {}  # set only inside pinned(): benchmarks and tuning sweeps
 _UNTUNED: list[bool] = []  # non-empty only inside untuned(): benchmarks over many shape classes
 
@@ -133,7 +143,7 @@ _UNTUNED: list[bool] = []  # non-empty only inside untuned(): benchmarks over ma
 def pinned(**configs: tuple[int, int, int, int]):
     """Run kernels with exactly the given ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` inside the block,
     bypassing the autotuner, e.g. ``with pinned(fwd=(128, 128, 8, 3)): ...`` (kinds ``fwd``, ``dq``,
-    ``dkdv``, ``band``, ``dq_inline``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
+    ``dkdv``, ``band``, ``dq_inline``, ``dsgrad``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
     unknown = set(configs) - set(_KERNELS)
     if unknown:
         raise ValueError(f"pinned: unknown kernel kinds {sorted(unknown)}; kinds are {sorted(_KERNELS)}")
@@ -160,8 +170,8 @@ def untuned():
 
 
 def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tuple, meta: dict) -> None:
-    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dq_inline`` | ``dkdv`` | ``band``) over ``num_samples x num_heads x
-    cdiv(grid_rows, tile)`` programs; the tile is BLOCK_M (fwd, dq, band) or BLOCK_N (dkdv). Tiles on the fastest
+    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dq_inline`` | ``dkdv`` | ``band`` | ``dsgrad``) over ``num_samples x
+    num_heads x cdiv(grid_rows, tile)`` programs; the tile is BLOCK_M (all but dkdv) or BLOCK_N (dkdv). Tiles on the fastest
     grid axis (:data:`TILES_FIRST`, up to :data:`MAX_GRID_Z` samples): the programs that run together are the
     tiles of one sample and head, which share its keys and values in L2; each program starts with its heaviest
     causal tile (the kernels' tile loop runs from the last)."""
@@ -172,9 +182,9 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
     def order(tiles: int) -> tuple[int, int, int]:
         return (tiles, num_heads, num_samples) if tiles_first else (num_samples, num_heads, tiles)
 
-    if kind in ("dq", "dq_inline", "band"):  # see triton_common.scatter_add_grad
-        meta = {**meta, "FEW_BUCKETS": 4 if interpreting() else 128,
-                "SUPER": INTERPRET_SUPER if interpreting() else SUPER, "INLINE": kind == "dq_inline"}
+    if kind in ("dq", "dq_inline", "band", "dsgrad"):  # see triton_common.scatter_add_grad
+        meta = {"DS_OUT": False, **meta, "FEW_BUCKETS": 4 if interpreting() else 128,
+                "SUPER": INTERPRET_SUPER if interpreting() else SUPER, "INLINE": kind in ("dq_inline", "dsgrad")}
     if interpreting():
         _interpreter_index_fix()
         tiles = {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
