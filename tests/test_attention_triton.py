@@ -267,6 +267,17 @@ def test_toeplitz_position_tiles(mode, kinds, monkeypatch):
     assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
 
 
+def cache_case(mode, targets):
+    """``tile_path_batch`` with its call options (all its rows as queries, or a target layer's query rows)."""
+    q, k, v, offsets, types, stamps = tile_path_batch()
+    kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
+              time_bucket_base=2.0)
+    if targets:
+        kw["query_index"] = query_rows("targets" if mode == "mixed" else "spread", types, 3)
+        q = q[: kw["query_index"].numel()]
+    return q, k, v, offsets, kw
+
+
 @pytest.mark.parametrize("mode", ["causal", "mixed"])
 @pytest.mark.parametrize("targets", [False, True])
 def test_bias_cache(mode, targets, monkeypatch):
@@ -275,12 +286,7 @@ def test_bias_cache(mode, targets, monkeypatch):
     # kernels; the backward really reads it (corrupting it between forward and backward changes dQ, dK and dV,
     # not the output); pairs the bias kernel does not write (NaN here) are never read; it is not written without
     # a backward, beyond BIAS_CACHE_MAX_BYTES or from BIAS_CACHE_MAX_LEN on
-    q, k, v, offsets, types, stamps = tile_path_batch()
-    kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
-              time_bucket_base=2.0)
-    if targets:
-        kw["query_index"] = query_rows("targets" if mode == "mixed" else "spread", types, 3)
-        q = q[: kw["query_index"].numel()]
+    q, k, v, offsets, kw = cache_case(mode, targets)
     tabs = (table(2, 9, 49), table(2, 32, 50))
     caches = []
     real_cache = triton_impl._Plan.cache_bias
@@ -332,12 +338,7 @@ def test_table_gradients_from_stored_ds(mode, targets, monkeypatch):
     # kernel reads it back: the launches are dkdv, dq (storing), dsgrad; the result is the one-pass dQ's (and the
     # reference's); the gradients really come from the buffer (corrupting it before dsgrad changes both table
     # gradients and nothing else); over DS_BUFFER_MAX_BYTES the one pass runs instead
-    q, k, v, offsets, types, stamps = tile_path_batch()
-    kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
-              time_bucket_base=2.0)
-    if targets:
-        kw["query_index"] = query_rows("targets" if mode == "mixed" else "spread", types, 3)
-        q = q[: kw["query_index"].numel()]
+    q, k, v, offsets, kw = cache_case(mode, targets)
     tabs = (table(2, 9, 51), table(2, 32, 52))
     real_launch = triton_impl.launch
     launches = []
