@@ -448,7 +448,8 @@ def hstu_dq_kernel(
     Flat tiles (:func:`.triton_common.spans_flat`: almost all tiles away from the diagonal) add row sums; with
     ``INLINE`` every other tile adds its own (:func:`.triton_common.band_grads_add`: short samples, where most
     tiles are near the diagonal), else only the tiles of flat ``SUPER x SUPER`` cells are done here and
-    :func:`hstu_band_grad_kernel` does the rest (long samples: dQ keeps large tiles)."""
+    :func:`hstu_band_grad_kernel` does the rest (long samples: dQ keeps large tiles). With ``DS_OUT`` (and no table
+    gradient here) it stores each tile's dS into ``DSB`` for :func:`hstu_ds_grad_kernel` instead."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
                 DSB, H, GROUP,
