@@ -31,7 +31,8 @@ STEP_DS = dict(STEP_ONE_PASS, dq=(128, 32, 8, 2), dsgrad=(16, 32, 1, 2))
 KINDS = ("fwd", "bias", "dq", "band", "dsgrad", "dkdv")
 KERNEL_NAMES = {"band": "hstu_band_grad_kernel", "dsgrad": "hstu_ds_grad_kernel"}  # others: hstu_{kind}_kernel
 ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band[, options])
-    # options: {"frozen": True} the tables take no gradient; {"ds_buffer": False} no dS buffer (one dQ pass)
+    # options: {"frozen": True} the tables take no gradient; {"ds_buffer": False} no dS buffer (one dQ pass);
+    # {"dkdv_ds": False} with the buffer, dK/dV recomputes dS instead of reading it
     ("no tables, light blocks", "mixed-nobias", LIGHT, True),
     ("position table", "mixed-pos", HEAVY, True),
     ("time table", "mixed-time", HEAVY, True),
@@ -81,6 +82,15 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: both tables, dS buffer, dsgrad 16x32 1 warp 3 stages", "medium", dict(STEP_DS, dsgrad=(16, 32, 1, 3)),
      False),
     ("step d256: both tables, dS buffer, dq 64x32 3 stages", "medium", dict(STEP_DS, dq=(64, 32, 4, 3)), False),
+    # dK/dV reading the stored dS (triton_impl.DKDV_READS_DS: dQ first, three products per tile) against recomputing
+    # it, and its block sizes without the V tile
+    ("step d256: both tables, dS buffer, dkdv recomputes dS", "medium", STEP_DS, False, {"dkdv_ds": False}),
+    ("step d256: both tables, dkdv reads dS", "medium", STEP_DS, False),
+    ("step d256: both tables, dkdv reads dS, 32x64", "medium", dict(STEP_DS, dkdv=(32, 64, 8, 2)), False),
+    ("step d256: both tables, dkdv reads dS, 32x64 3 stages", "medium", dict(STEP_DS, dkdv=(32, 64, 8, 3)), False),
+    ("step d256: both tables, dkdv reads dS, 64x32 4 warps", "medium", dict(STEP_DS, dkdv=(64, 32, 4, 2)), False),
+    ("step d256: both tables, dkdv reads dS, 32x32 4 warps", "medium", dict(STEP_DS, dkdv=(32, 32, 4, 2)), False),
+    ("step d256: both tables, dkdv reads dS, 128x64", "medium", dict(STEP_DS, dkdv=(128, 64, 8, 2)), False),
 ]
 
 
@@ -164,10 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         triton_launch.SPLIT_FROM_LEN = 0 if split else 1 << 30  # both the profile and the check follow the row
         if hasattr(triton_impl, "DS_BUFFER"):
             triton_impl.DS_BUFFER = opts.get("ds_buffer", True)
-        kernels = profile_row(variant, pins, args.steps, args.length, args.tokens, opts.get("frozen", False))
-        check = check_row(variant, pins)
+        if hasattr(triton_impl, "DKDV_READS_DS"):
+            triton_impl.DKDV_READS_DS = opts.get("dkdv_ds", True)
+        try:
+            kernels = profile_row(variant, pins, args.steps, args.length, args.tokens, opts.get("frozen", False))
+            check = check_row(variant, pins)
+        except Exception as e:  # noqa: BLE001 - a block size over the hardware's limits must not lose the other rows
+            rows.append(dict(row=label, variant=variant, pinned=pins, error=f"{type(e).__name__}: {e}"))
+            print(f"{label:32s} ERROR {type(e).__name__}: {str(e)[:100]}", flush=True)
+            continue
         rows.append(dict(row=label, variant=variant, pinned=pins, split=split, frozen=opts.get("frozen", False),
-                         ds_buffer=opts.get("ds_buffer", True), kernels_ms=kernels, check=check))
+                         ds_buffer=opts.get("ds_buffer", True), dkdv_ds=opts.get("dkdv_ds", True), kernels_ms=kernels, check=check))
         ms = [kernels.get(KERNEL_NAMES.get(kind, f"hstu_{kind}_kernel"), 0.0) for kind in KINDS]
         total = sum(kernels.values())
         print(f"{label:32s} " + " ".join(f"{t:8.3f}" for t in ms) + f" {total:8.3f} {check:8.1e}", flush=True)

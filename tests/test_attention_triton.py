@@ -320,8 +320,8 @@ def test_bias_cache(mode, targets, monkeypatch):
     real_launch = triton_impl.launch
 
     def corrupting(kind, *args):
-        if kind == "dkdv":
-            args[3][-3].add_(1.0)  # the cache (kernel argument BIAS), just before dK/dV reads it
+        if kind == "dq":
+            args[3][-4].add_(1.0)  # the cache (kernel argument BIAS), just before the backward's first kernel reads it
         real_launch(kind, *args)
 
     monkeypatch.setattr(triton_impl, "launch", corrupting)
@@ -334,46 +334,54 @@ def test_bias_cache(mode, targets, monkeypatch):
 @pytest.mark.parametrize("mode", ["causal", "mixed"])
 @pytest.mark.parametrize("targets", [False, True])
 def test_table_gradients_from_stored_ds(mode, targets, monkeypatch):
-    # with the bias cache, the dQ kernel stores dS (DS_OUT) and computes no table gradient; the table-gradient
-    # kernel reads it back: the launches are dkdv, dq (storing), dsgrad; the result is the one-pass dQ's (and the
-    # reference's); the gradients really come from the buffer (corrupting it before dsgrad changes both table
-    # gradients and nothing else); over DS_BUFFER_MAX_BYTES the one pass runs instead
+    # with the bias cache, the dQ kernel runs first, stores dS (DS_OUT) and computes no table gradient; the dK/dV
+    # kernel (DS_IN) and the table-gradient kernel read it back: the launches are dq (storing), dkdv (reading),
+    # dsgrad; the result is the one-pass dQ's (and the reference's) and dK/dV recomputing dS gives it too; the
+    # gradients really come from the buffer (corrupting it before dsgrad changes both table gradients and nothing
+    # else, before dkdv dK and the tables' and nothing else); over DS_BUFFER_MAX_BYTES the one pass runs instead
     q, k, v, offsets, kw = cache_case(mode, targets)
     tabs = (table(2, 9, 51), table(2, 32, 52))
     real_launch = triton_impl.launch
     launches = []
 
     def spy(kind, *args):
-        launches.append((kind, args[-1].get("DS_OUT", False)))
+        launches.append((kind, args[-1].get("DS_OUT", False), args[-1].get("DS_IN", False)))
         real_launch(kind, *args)
 
     monkeypatch.setattr(triton_impl, "launch", spy)
     got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
-    assert launches == [("fwd", False), ("dkdv", False), ("dq", True), ("dsgrad", False)]
+    assert launches == [("fwd", False, False), ("dq", True, False), ("dkdv", False, True), ("dsgrad", False, False)]
     assert_close_rel(got, forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
+    monkeypatch.setattr(triton_impl, "DKDV_READS_DS", False)
+    launches.clear()
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
+    assert launches == [("fwd", False, False), ("dkdv", False, False), ("dq", True, False), ("dsgrad", False, False)]
+    monkeypatch.setattr(triton_impl, "DKDV_READS_DS", True)
     monkeypatch.setattr(triton_impl, "DS_BUFFER", False)
     launches.clear()
     one_pass = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
-    assert [kind for kind, _ in launches] == ["fwd", "dkdv", "dq_inline"]
+    assert [kind for kind, *_ in launches] == ["fwd", "dkdv", "dq_inline"]
     assert_close_rel(got, one_pass, 1e-5)
     monkeypatch.setattr(triton_impl, "DS_BUFFER", True)
     monkeypatch.setattr(triton_impl, "DS_BUFFER_MAX_BYTES", 0)
     launches.clear()
     assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
-    assert [kind for kind, _ in launches] == ["fwd", "dkdv", "dq_inline"]
+    assert [kind for kind, *_ in launches] == ["fwd", "dkdv", "dq_inline"]
     monkeypatch.setattr(triton_impl, "DS_BUFFER_MAX_BYTES", 2 << 30)
 
-    def corrupting(kind, *args):
-        if kind == "dsgrad":
-            args[3][-1].add_(1.0)  # the dS buffer (kernel argument DSB), just before the table-gradient kernel
-        real_launch(kind, *args)
+    for reader, changed in (("dsgrad", (4, 5)), ("dkdv", (2, 4, 5))):
+        def corrupting(kind, *args):
+            if kind == reader:
+                args[3][-1].add_(1.0)  # the dS buffer (kernel argument DSB), just before the reader
+            real_launch(kind, *args)
 
-    monkeypatch.setattr(triton_impl, "launch", corrupting)
-    bad = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
-    for i in range(4):
-        assert torch.equal(bad[i], got[i])
-    for i in (4, 5):
-        assert (bad[i] - got[i]).norm() > 0.1 * got[i].norm()
+        monkeypatch.setattr(triton_impl, "launch", corrupting)
+        bad = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+        for i in range(6):
+            if i in changed:
+                assert (bad[i] - got[i]).norm() > 0.1 * got[i].norm(), (reader, i)
+            else:
+                assert torch.equal(bad[i], got[i]), (reader, i)
 
 
 def test_qkv_read_in_place_from_a_wider_projection():

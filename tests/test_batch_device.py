@@ -3,6 +3,7 @@ are in test_nosync.py)."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import fields, replace
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from recfm.errors import DataError
 from recfm.foundation.data.batch import Batch, TargetGroup, TokenGroup
-from recfm.foundation.data.device import DevicePrefetcher, check_batch, merged_copy, target_rows
+from recfm.foundation.data.device import DevicePrefetcher, check_batch, in_background, merged_copy, pack, target_rows
 
 kjt_module = pytest.importorskip("torchrec.sparse.jagged_tensor", reason="torchrec builds the batch's KJTs")
 KeyedJaggedTensor = kjt_module.KeyedJaggedTensor
@@ -135,3 +136,52 @@ def test_target_rows_and_cpu_prefetcher():
     with pytest.raises(DataError, match="max_len"):
         list(DevicePrefetcher([replace(host, max_len=1)], "cpu"))
     assert len(list(DevicePrefetcher([replace(host, max_len=1)], "cpu", validate=False))) == 1
+
+
+def test_pack_then_move_is_the_merged_copy():
+    # what the prefetcher's background thread does (pack, host only) and then its training thread (one transfer)
+    host = host_batch(2)
+    packed = pack(host, pin=False)
+    assert packed.host.dtype == torch.uint8 and packed.host.dim() == 1
+    moved = packed.to("cpu")
+    assert_same(host, moved)
+    assert len({t.untyped_storage().data_ptr() for t in _all_tensors(moved)}) == 1
+
+
+def test_in_background_keeps_order_runs_elsewhere_and_raises_in_place():
+    threads, pulled = set(), []
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise DataError(f"item {i} is bad")
+            pulled.append(i)
+            yield i
+
+    def square(i):
+        threads.add(threading.get_ident())
+        if i == 7:
+            raise DataError("seven")
+        return i * i
+
+    assert list(in_background(items(5), square, ahead=2)) == [0, 1, 4, 9, 16]
+    assert threads and threading.get_ident() not in threads  # fn (and the iteration) ran on the worker thread
+    pulled.clear()
+    gen = in_background(items(100), square, ahead=3)
+    assert next(gen) == 0
+    assert len(pulled) <= 1 + 3  # never more than `ahead` items beyond the one asked for
+    gen.close()
+    stopped = len(pulled)
+    assert stopped <= 1 + 3  # closing stops the worker
+    got = []
+    with pytest.raises(DataError, match="item 3 is bad"):  # the source's error, at its item
+        for x in in_background(items(10, fail_at=3), square, ahead=2):
+            got.append(x)
+    assert got == [0, 1, 4]
+    got = []
+    with pytest.raises(DataError, match="seven"):  # fn's error, at its item
+        for x in in_background(items(10), square, ahead=4):
+            got.append(x)
+    assert got == [i * i for i in range(7)]
+    with pytest.raises(ValueError, match="ahead"):
+        DevicePrefetcher([], "cpu", ahead=0)

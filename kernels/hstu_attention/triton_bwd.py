@@ -51,13 +51,13 @@ from recfm.kernels.hstu_attention.triton_common import (
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, Q, DO, INVN,
-               QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, QEXT, qc0, qc1, BIAS, BS,
+               QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, QEXT, qc0, qc1, BIAS, BS, DSB,
                seq_start, q_len, L, start_m, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base,
                H: tl.constexpr, QS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
                MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
                HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-               BIAS_IN: tl.constexpr):
+               BIAS_IN: tl.constexpr, DS_IN: tl.constexpr):
     rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
         QTOK, TYPE, VIS, TT, POS, seq_start, q_len, start_m, HAS_QIDX, False, MASKED and MASK_MODE == 2,
         HAS_TIME and not BIAS_IN, HAS_POS and not BIAS_IN, BLOCK_M)
@@ -96,8 +96,13 @@ def _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, tt
         at = tl.where(ok, at, 0.0)
         dat = tl.where(ok, dat, 0.0)
     dv = dot(at.to(do.dtype), do, dv, DOT_PREC)
-    dpt = dot(v, tl.trans(do), None, DOT_PREC)  # [BLOCK_N, BLOCK_M]
-    dk = dot((dpt * dat).to(q.dtype), q, dk, DOT_PREC)
+    if DS_IN:  # dS as the dQ kernel stored it: no dO.V product; pairs outside the mask may hold anything
+        ds = tl.load(DSB + rows[:, None] * BS + cols[None, :], mask=row_ok[:, None], other=0.0)
+        dst = tl.where(ok, tl.trans(ds), 0.0).to(q.dtype)
+    else:
+        dpt = dot(v, tl.trans(do), None, DOT_PREC)  # [BLOCK_N, BLOCK_M]
+        dst = (dpt * dat).to(q.dtype)
+    dk = dot(dst, q, dk, DOT_PREC)
     return dk, dv
 
 
@@ -105,15 +110,16 @@ def _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, tt
 def hstu_dkdv_kernel(
     Q, K, V, DO, DK, DV, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT, QCH,
     ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS, BHS,
-    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    DSB, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-    BIAS_IN: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS_IN: tl.constexpr, DS_IN: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DK ``[N, H/GROUP, D_QK]``, DV ``[N, H/GROUP, D_V]`` (input dtype); other tensors as the forward. With
     ``BIAS_IN`` the bias is read from the cache ``BIAS`` as :func:`.triton_fwd.hstu_bias_kernel` wrote it, not
-    recomputed."""
+    recomputed; with ``DS_IN`` dS is read from ``DSB`` as :func:`hstu_dq_kernel` stored it (``DS_OUT``, launched
+    first), which drops the ``dO V^T`` product and the V tile: three products per tile instead of four."""
     b, kv_h, pid, n_prog = grid_ids(TILES_FIRST)
     H_KV: tl.constexpr = H // GROUP
     seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
@@ -131,13 +137,17 @@ def hstu_dkdv_kernel(
     POS += seq_start
     if BIAS_IN:
         BIAS += q_start * BS
+    if DS_IN:
+        DSB += q_start * BS
     kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, (HAS_POS or HAS_TIME) and not BIAS_IN)
     for n in range(pid, tl.cdiv(L, BLOCK_N), n_prog):
         k_start = n * BLOCK_N
         cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, k_start, MASK_MODE == 2, HAS_TIME and not BIAS_IN,
                                                    HAS_POS and not BIAS_IN, BLOCK_N)
         k = load_rows(K, cols, col_ok, KS, D_QK, BLOCK_DQK)
-        v = load_rows(V, cols, col_ok, VS, D_V, BLOCK_DV)
+        v = k  # placeholder: with DS_IN the V tile is not read
+        if not DS_IN:
+            v = load_rows(V, cols, col_ok, VS, D_V, BLOCK_DV)
         evk_lo, evk_hi, ttk_lo, ttk_hi = 0, 0, 0, 0
         if (HAS_POS or HAS_TIME) and not BIAS_IN:
             evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, k_start, BLOCK_N, HAS_POS, HAS_TIME)
@@ -155,16 +165,17 @@ def hstu_dkdv_kernel(
             ptab = PTAB + g * ptab_stride
             ttab = TTAB + g * ttab_stride
             bias = BIAS + g * BHS
+            dsb = DSB + g * BHS
             for start_m in range(free_lo, free_hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
-                                    ptab, ttab, TBND, QEXT, qc0, qc1, bias, BS, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
+                                    ptab, ttab, TBND, QEXT, qc0, qc1, bias, BS, dsb, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
                                     NUM_TB, inv_log2_base, H, QS, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
-                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN)
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, DS_IN)
             for start_m in range(masked_lo, masked_hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
-                                    ptab, ttab, TBND, QEXT, qc0, qc1, bias, BS, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
+                                    ptab, ttab, TBND, QEXT, qc0, qc1, bias, BS, dsb, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
                                     NUM_TB, inv_log2_base, H, QS, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
-                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN)
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, DS_IN)
         store_rows(DK, cols, col_ok, dk * alpha, H_KV * D_QK, D_QK, BLOCK_DQK)
         store_rows(DV, cols, col_ok, dv, H_KV * D_V, D_V, BLOCK_DV)
 

@@ -67,6 +67,9 @@ BIAS_CACHE_COLS = 128  # cache rows are a multiple of this many columns: of ever
 # small tiles adds them itself (dq_inline).
 DS_BUFFER = True
 DS_BUFFER_MAX_BYTES = 1 << 30
+# With the dS buffer, dQ runs first and the dK/dV kernel reads dS from it (DS_IN) instead of recomputing it: three
+# products per tile instead of four (docs/kernels.md); False keeps dK/dV computing dS itself (a benchmark switch)
+DKDV_READS_DS = True
 
 
 def lanes_hold_time_table(num_tb: int) -> bool:
@@ -259,14 +262,23 @@ class _HSTUAttention(torch.autograd.Function):
         dtime = (torch.zeros(plan.time_shape, dtype=torch.float32, device=q_sorted.device) if plan.time_shape
                  else plan.dummy_f.clone())
         if q_sorted.shape[0] and plan.num_samples:
-            launch("dkdv", plan.max_len, plan.num_samples, plan.num_heads // plan.group,
-                   (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv"), *plan.bias_args()),
-                   plan.kernel_meta("dkdv"))
+            dkdv_reads_ds = dsb is not None and DKDV_READS_DS
+
+            def dkdv() -> None:
+                launch("dkdv", plan.max_len, plan.num_samples, plan.num_heads // plan.group,
+                       (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv"), *plan.bias_args(),
+                        dsb if dkdv_reads_ds else plan.dummy_f),
+                       {**plan.kernel_meta("dkdv"), "DS_IN": dkdv_reads_ds})
+
+            if not dkdv_reads_ds:
+                dkdv()
             args = (q_sorted, k, v, do, dq, dpos, dtime, *plan.tail(invn, pos_bias, time_bias, kind),
                     *plan.bias_args(), plan.dummy_f if dsb is None else dsb)
-            if dsb is not None:  # dQ stores dS, the table-gradient kernel reads it back
+            if dsb is not None:  # dQ stores dS; the table-gradient kernel (and dK/dV) read it back
                 launch("dq", plan.max_len, plan.num_samples, plan.num_heads, args,
                        {**plan.kernel_meta("dq"), **grads, "POS_GRAD": False, "TIME_GRAD": False, "DS_OUT": True})
+                if dkdv_reads_ds:
+                    dkdv()
                 launch("dsgrad", plan.max_len, plan.num_samples, plan.num_heads, args,
                        {**plan.kernel_meta("dsgrad"), **grads})
             else:

@@ -34,7 +34,7 @@ TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not 
 TILES_FIRST = True  # grid (tiles, heads, samples) up to MAX_GRID_Z samples (triton_common.grid_ids)
 MAX_GRID_Z = 65535
 KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
-       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN", "DS_OUT"]
+       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN", "DS_OUT", "DS_IN"]
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -176,6 +176,8 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
     tiles of one sample and head, which share its keys and values in L2; each program starts with its heaviest
     causal tile (the kernels' tile loop runs from the last)."""
     block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    if kind == "dkdv":
+        meta = {"DS_IN": False, **meta}
     tiles_first = TILES_FIRST and num_samples <= MAX_GRID_Z
     meta = {**meta, "TILES_FIRST": tiles_first}
 
