@@ -384,6 +384,19 @@ def test_table_gradients_from_stored_ds(mode, targets, monkeypatch):
                 assert torch.equal(bad[i], got[i]), (reader, i)
 
 
+def test_config_lists_follow_the_kernel_variant():
+    # each kernel variant autotunes over the list measured for it: dK/dV reading the stored dS its own ("ds", at d
+    # 256 where one was measured), dQ storing dS with the cache's, the one-pass dQ the heavy list of the tables
+    tables = dict(HAS_POS=True, HAS_TIME=True, BIAS_IN=True)
+    assert triton_launch.config_class("dkdv", 256, {**tables, "DS_IN": True}) == "ds"
+    assert triton_launch.configs("dkdv", 256, "ds")[0].kwargs == {"BLOCK_M": 64, "BLOCK_N": 32}
+    assert triton_launch.config_class("dkdv", 256, {**tables, "DS_IN": False}) is False
+    assert triton_launch.config_class("dkdv", 128, {**tables, "DS_IN": True}) is False
+    assert triton_launch.config_class("dq", 256, {**tables, "DS_OUT": True}) == "cache"
+    assert triton_launch.config_class("dq_inline", 256, {**tables, "POS_GRAD": True}) is True
+    assert triton_launch.config_class("fwd", 256, dict(HAS_POS=False, HAS_TIME=False)) is False
+
+
 def test_qkv_read_in_place_from_a_wider_projection():
     # Q, K and V as column slices of one projection output (as the HSTU layer passes them): the kernels read
     # them with their row stride, no copy, and give the contiguous inputs' result; the gradients are written

@@ -128,9 +128,13 @@ def _blocks(d: int) -> tuple[int, int, int]:
     return block_n, block_d, num_warps
 
 
+BWD_PROGRAMS_PER_SM = 4
+
+
 def _tiles_per_program(x: torch.Tensor, n_tiles: int) -> int:
-    """A power of two such that about ``4 x SMs`` programs cover ``n_tiles`` (CPU interpreter: 4 programs)."""
-    target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    """A power of two such that about ``BWD_PROGRAMS_PER_SM x SMs`` programs cover ``n_tiles`` (CPU interpreter: 4
+    programs)."""
+    target = BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     return min(triton.next_power_of_2(triton.cdiv(max(n_tiles, 1), target)), 256)
 
 

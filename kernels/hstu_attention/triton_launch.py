@@ -84,6 +84,9 @@ _CONFIGS = {
     # dQ reading the cache (and storing dS for the table-gradient kernel): the list without tables, but 128 x 32
     # in 2 stages (3 need 256 KB of shared memory with the cache's tile)
     ("dq", 256, "cache"): [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)],
+    # dK/dV reading the stored dS (DS_IN: no V tile, three products): 64 x 32 in 4 warps took 1.33 ms per layer at
+    # the medium step's shape against 1.51 for 64 x 64 in 8 warps and 1.55 for 32 x 32 (H100, docs/benchmarks.md)
+    ("dkdv", 256, "ds"): [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 
 
@@ -93,15 +96,18 @@ def _dim_class(block_d: int) -> int:
 
 def configs(kind: str, block_d: int, heavy: bool | str) -> list[triton.Config]:
     """Autotuning candidates of kernel ``kind`` for head dims padded to ``block_d``; the last is the fixed
-    config of short batches. ``heavy``: a bias table on (True), none (False), or ``"cache"``
+    config of short batches. ``heavy``: a bias table on (True), none (False), ``"cache"`` or ``"ds"``
     (:func:`config_class`)."""
     return [_config(*c) for c in _CONFIGS[(kind, _dim_class(block_d), heavy)]]
 
 
 def config_class(kind: str, block_d: int, meta: dict) -> bool | str:
-    """Which list of :data:`_CONFIGS` kernel ``kind`` tunes over: with a table, the heavy one, unless it reads
-    the bias cache and computes no table gradient (it then does no per-score table work): its own list where
-    one was measured (``"cache"``), else the list without tables."""
+    """Which list of :data:`_CONFIGS` kernel ``kind`` tunes over: dK/dV reading the stored dS (``DS_IN``) its own
+    where one was measured (``"ds"``); with a table, the heavy one, unless it reads the bias cache and computes
+    no table gradient (it then does no per-score table work): its own list where one was measured
+    (``"cache"``), else the list without tables."""
+    if meta.get("DS_IN") and (kind, _dim_class(block_d), "ds") in _CONFIGS:
+        return "ds"
     tables = bool(meta["HAS_POS"] or meta["HAS_TIME"])
     if tables and meta.get("BIAS_IN") and not (meta.get("POS_GRAD") or meta.get("TIME_GRAD")):
         return "cache" if (kind, _dim_class(block_d), "cache") in _CONFIGS else False
@@ -122,7 +128,7 @@ def _tuned(kind: str, block_d: int, heavy: bool | str):
 
 def tuned_configs() -> dict[str, str]:
     """The autotuners' choices so far, ``"kernel/d/bias? key" -> config`` (for benchmark reports)."""
-    names = {True: "bias", False: "plain", "cache": "cache"}
+    names = {True: "bias", False: "plain", "cache": "cache", "ds": "ds"}
     return {f"{kind}/d{block_d}/{names[heavy]} {key}": str(cfg)
             for (kind, block_d, heavy), tuner in _TUNERS.items() for key, cfg in tuner.cache.items()}
 
