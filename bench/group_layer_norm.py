@@ -2,9 +2,9 @@
 
     python bench/group_layer_norm.py --out bench/results/group_layer_norm.json
 
-Rows are token-major ``[N, d]`` bf16 tensors with group ids in runs (a sample's H tokens, then its R and T
-tokens of one scenario, as :mod:`recfm.foundation.data.batch` lays them out), weight and bias ``[G, d]``
-fp32. Two forms, as an HSTU layer calls them: ``GLN_in(x)`` and the gated ``GLN_attn(O) * U`` with ``U`` a
+Rows are token-major ``[N, d]`` bf16 tensors, weight and bias ``[G, d]`` fp32; group ids in runs of 20-600 rows
+(``--layout runs``) or as a training batch lays them out, a sample's history interleaving its sequence kinds, then
+its R and T tokens (``--layout interleaved``, the training step's case: :func:`make`). fp32. Two forms, as an HSTU layer calls them: ``GLN_in(x)`` and the gated ``GLN_attn(O) * U`` with ``U`` a
 column slice of the projection's output (read in place). Per row: forward and forward+backward time (median
 of ``triton.testing.do_bench``) and the bytes the Triton kernels must move (inputs read once, outputs written
 once) over that time, against the 3.35 TB/s of an H100's HBM3.
@@ -17,16 +17,25 @@ import json
 from pathlib import Path
 
 
-def make(n: int, d: int, groups: int, seed: int = 0):
-    """``(x, gate_source, group, weight, bias)``: group ids in runs of 20-600 rows."""
+def make(n: int, d: int, groups: int, seed: int = 0, layout: str = "runs"):
+    """``(x, gate_source, group, weight, bias)``. ``layout``: ``runs``, group ids in runs of 20-600 rows; or
+    ``interleaved``, as the batch lays out samples of two sequence kinds: a history of 100-1000 rows whose kinds
+    (groups 0 and 1) alternate at random, as two time-ordered sequences merged, then 10-100 real-time rows (group
+    2) and 5-50 targets of the scenario groups 3.. in order."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     runs, total = [], 0
     while total < n:
-        length = int(torch.randint(20, 600, (1,), generator=gen))
-        runs.append(torch.full((length,), int(torch.randint(0, groups, (1,), generator=gen))))
-        total += length
+        if layout == "interleaved":
+            h, r, t = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in ((100, 1000), (10, 100), (5, 50)))
+            targets = torch.randint(3, max(groups, 4), (t,), generator=gen).sort().values
+            runs += [torch.randint(0, 2, (h,), generator=gen), torch.full((r,), 2), targets]
+            total += h + r + t
+        else:
+            length = int(torch.randint(20, 600, (1,), generator=gen))
+            runs.append(torch.full((length,), int(torch.randint(0, groups, (1,), generator=gen))))
+            total += length
     group = torch.cat(runs)[:n].cuda()
     x = torch.randn(n, d, generator=gen).to("cuda", torch.bfloat16)
     proj = torch.randn(n, 4 * d, generator=gen).to("cuda", torch.bfloat16)  # U is a column slice of it
@@ -73,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=81_000, help="tokens N (medium step at B 128: ~81k)")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--groups", type=int, default=7)
+    parser.add_argument("--layout", choices=("runs", "interleaved"), default="runs",
+                        help="group ids in runs, or a training batch's interleaved history kinds")
     default_out = Path(__file__).resolve().parent / "results" / "group_layer_norm.json"
     parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args(argv)
@@ -81,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/group_layer_norm.py: no CUDA GPU here; nothing to time")
         return 0
-    tensors = make(args.rows, args.dim, args.groups)
+    tensors = make(args.rows, args.dim, args.groups, layout=args.layout)
     hbm = 3.35e12
     rows = []
     print(f"{'row':44s} {'ms':>8s} {'GB/s':>8s} {'% HBM':>6s}")
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:60s} {value:6.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, n=args.rows,
-                                        d=args.dim, groups=args.groups, hbm_bytes_per_s=hbm, rows=rows,
+                                        d=args.dim, groups=args.groups, layout=args.layout, hbm_bytes_per_s=hbm, rows=rows,
                                         ratios=ratios), indent=1))
     print(f"wrote {args.out}")
     return 0
