@@ -4,8 +4,9 @@
 
 Rows are token-major ``[N, d]`` bf16 tensors, weight and bias ``[G, d]`` fp32; group ids in runs of 20-600 rows
 (``--layout runs``) or as a training batch lays them out, a sample's history interleaving its sequence kinds, then
-its R and T tokens (``--layout interleaved``, the training step's case: :func:`make`). fp32. Two forms, as an HSTU layer calls them: ``GLN_in(x)`` and the gated ``GLN_attn(O) * U`` with ``U`` a
-column slice of the projection's output (read in place). Per row: forward and forward+backward time (median
+its R and T tokens (``--layout interleaved``, the training step's case: :func:`make`). Two forms, as an HSTU
+layer calls them: ``GLN_in(x)`` and the gated ``GLN_attn(O) * U`` with ``U`` a column slice of the projection's
+output (read in place). Per row: forward and forward+backward time (median
 of ``triton.testing.do_bench``) and the bytes the Triton kernels must move (inputs read once, outputs written
 once) over that time, against the 3.35 TB/s of an H100's HBM3.
 """
