@@ -121,16 +121,16 @@ def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, n_
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_D, num_warps)``: about 2048 elements per tile (H100, d 768 in the medium step: 2 rows
-    per tile and 16 backward programs per SM took the gated backward from 0.70 to 0.55 ms and the plain one from
-    0.37 to 0.36 against 4 rows and 4 programs per SM; docs/benchmarks.md)."""
+    """``(BLOCK_N, BLOCK_D, num_warps)``: about 2048 elements per tile (H100, d 768, a training batch's group
+    layout: with 8 backward programs per SM, forward + backward of the gated form 0.834 -> 0.689 ms and of the plain
+    one 0.469 -> 0.463 against 4096 elements and 4 programs per SM; docs/benchmarks.md, run 11)."""
     block_d = triton.next_power_of_2(max(d, 1))
     block_n = max(1, min(16, 2048 // block_d))
     num_warps = 4 if block_d <= 1024 else 8
     return block_n, block_d, num_warps
 
 
-BWD_PROGRAMS_PER_SM = 16  # the backward's programs (each a run of tiles with its own gradient partials), per SM
+BWD_PROGRAMS_PER_SM = 8  # the backward's programs (each a run of tiles with its own gradient partials), per SM
 
 
 def _tiles_per_program(x: torch.Tensor, n_tiles: int) -> int:
