@@ -27,9 +27,10 @@ STEP_PLAIN = dict(fwd=(128, 32, 8, 3), dq=(128, 32, 8, 3), dkdv=(32, 64, 8, 3))
 STEP_SPLIT = dict(STEP, band=(32, 32, 4, 2))
 # the step's tables with the dS buffer: dQ in the blocks of attention without tables, storing dS; dsgrad reads it
 STEP_ONE_PASS = dict(STEP, fwd=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # the autotuner's forward and dK/dV in the step
-STEP_DS = dict(STEP_ONE_PASS, dq=(128, 32, 8, 2), dsgrad=(16, 32, 1, 2))
-KINDS = ("fwd", "bias", "dq", "band", "dsgrad", "dkdv")
-KERNEL_NAMES = {"band": "hstu_band_grad_kernel", "dsgrad": "hstu_ds_grad_kernel"}  # others: hstu_{kind}_kernel
+STEP_DS = dict(STEP_ONE_PASS, dq=(128, 32, 8, 2), dsgrad=(16, 32, 1, 2), diag=(32, 64, 1, 1))
+STEP_DS_64x32 = dict(STEP_DS, dkdv=(64, 32, 4, 2))  # with dK/dV's pick when it reads dS
+KINDS = ("fwd", "bias", "dq", "band", "dsgrad", "diag", "dkdv")
+KERNEL_NAMES = {"band": "hstu_band_grad_kernel", "dsgrad": "hstu_ds_grad_kernel", "diag": "hstu_diag_grad_kernel"}  # others: hstu_{kind}_kernel
 ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band[, options])
     # options: {"frozen": True} the tables take no gradient; {"ds_buffer": False} no dS buffer (one dQ pass);
     # {"dkdv_ds": False} with the buffer, dK/dV recomputes dS instead of reading it
@@ -91,6 +92,19 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: both tables, dkdv reads dS, 64x32 4 warps", "medium", dict(STEP_DS, dkdv=(64, 32, 4, 2)), False),
     ("step d256: both tables, dkdv reads dS, 32x32 4 warps", "medium", dict(STEP_DS, dkdv=(32, 32, 4, 2)), False),
     ("step d256: both tables, dkdv reads dS, 128x64", "medium", dict(STEP_DS, dkdv=(128, 64, 8, 2)), False),
+    # the position table's unclamped pairs of keys at their own positions along the dS buffer's diagonals
+    # (triton_impl.DIAG_GRADS) against the table-gradient kernel adding every pair; the diag kernel's block sizes
+    ("step d256: both tables, all pairs in dsgrad", "medium", STEP_DS_64x32, False, {"diag": False}),
+    ("step d256: both tables, diag 32x64 1 warp", "medium", STEP_DS_64x32, False),
+    ("step d256: both tables, diag 16x64 1 warp", "medium", dict(STEP_DS_64x32, diag=(16, 64, 1, 1)), False),
+    ("step d256: both tables, diag 32x32 1 warp", "medium", dict(STEP_DS_64x32, diag=(32, 32, 1, 1)), False),
+    ("step d256: both tables, diag 64x64 2 warps", "medium", dict(STEP_DS_64x32, diag=(64, 64, 2, 1)), False),
+    ("step d256: both tables, diag 32x64 2 warps", "medium", dict(STEP_DS_64x32, diag=(32, 64, 2, 1)), False),
+    ("step d256: both tables, diag 32x128 2 warps", "medium", dict(STEP_DS_64x32, diag=(32, 128, 2, 1)), False),
+    ("step d256: both tables, dsgrad 32x32 1 warp, diag", "medium", dict(STEP_DS_64x32, dsgrad=(32, 32, 1, 2)), False),
+    ("step d256: both tables, dsgrad 32x64 2 warps, diag", "medium", dict(STEP_DS_64x32, dsgrad=(32, 64, 2, 2)), False),
+    ("step d256: position table, diag", "medium-pos", STEP_DS_64x32, False),
+    ("step d256: time table, diag", "medium-time", STEP_DS_64x32, False),
 ]
 
 
@@ -176,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             triton_impl.DS_BUFFER = opts.get("ds_buffer", True)
         if hasattr(triton_impl, "DKDV_READS_DS"):
             triton_impl.DKDV_READS_DS = opts.get("dkdv_ds", True)
+        if hasattr(triton_impl, "DIAG_GRADS"):
+            triton_impl.DIAG_GRADS = opts.get("diag", True)
         try:
             kernels = profile_row(variant, pins, args.steps, args.length, args.tokens, opts.get("frozen", False))
             check = check_row(variant, pins)
@@ -184,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:32s} ERROR {type(e).__name__}: {str(e)[:100]}", flush=True)
             continue
         rows.append(dict(row=label, variant=variant, pinned=pins, split=split, frozen=opts.get("frozen", False),
-                         ds_buffer=opts.get("ds_buffer", True), dkdv_ds=opts.get("dkdv_ds", True), kernels_ms=kernels, check=check))
+                         ds_buffer=opts.get("ds_buffer", True), dkdv_ds=opts.get("dkdv_ds", True),
+                         diag=opts.get("diag", True), kernels_ms=kernels, check=check))
         ms = [kernels.get(KERNEL_NAMES.get(kind, f"hstu_{kind}_kernel"), 0.0) for kind in KINDS]
         total = sum(kernels.values())
         print(f"{label:32s} " + " ".join(f"{t:8.3f}" for t in ms) + f" {total:8.3f} {check:8.1e}", flush=True)

@@ -147,7 +147,7 @@ def report(variant: str, length: int, samples: int, pins: str) -> list[dict]:
     import torch
 
     from bench.attention import make_batch
-    from bench.attention_profile import STEP, STEP_PLAIN, known
+    from bench.attention_profile import STEP, STEP_DS, STEP_PLAIN, known
     from bench.attention_sweep import VARIANTS
     from recfm.kernels.hstu_attention import hstu_attention
     from recfm.kernels.hstu_attention.triton_launch import pinned, untuned
@@ -160,7 +160,8 @@ def report(variant: str, length: int, samples: int, pins: str) -> list[dict]:
             kw.pop(f"{name}_bias", None)
     leaves = {name: kw.pop(name).detach().requires_grad_() for name in ("pos_bias", "time_bias") if name in kw}
     q, k, v = (batch[name].detach().clone().requires_grad_() for name in ("q", "k", "v"))
-    blocks = {"step": pinned(**known(STEP)), "step-plain": pinned(**known(STEP_PLAIN)), "first": untuned()}[pins]
+    blocks = {"step": pinned(**known(STEP)), "step-ds": pinned(**known(STEP_DS)), "step-plain": pinned(**known(STEP_PLAIN)),
+              "first": untuned()}[pins]
     with compile_only() as compiled, blocks:
         out = hstu_attention(q, k, v, batch["offsets"], impl="triton", validate=False, **kw, **leaves)
         out.backward(torch.zeros_like(out))
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="medium", help="a bench.attention_sweep variant (default: medium)")
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--pins", choices=("step", "step-plain", "first"), default="step")
+    parser.add_argument("--pins", choices=("step", "step-ds", "step-plain", "first"), default="step")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from recfm.errors import RecfmError  # noqa: E402
-from recfm.foundation.model.bias import time_bucket_boundaries, time_buckets  # noqa: E402
+from recfm.foundation.model.bias import event_positions, time_bucket_boundaries, time_buckets  # noqa: E402
 from recfm.kernels.hstu_attention import hstu_attention  # noqa: E402
 from recfm.kernels.hstu_attention.triton_common import tile_ident, tile_span, time_bucket  # noqa: E402
 from recfm.kernels.hstu_attention import triton_impl, triton_launch  # noqa: E402
@@ -321,7 +321,7 @@ def test_bias_cache(mode, targets, monkeypatch):
 
     def corrupting(kind, *args):
         if kind == "dq":
-            args[3][-4].add_(1.0)  # the cache (kernel argument BIAS), just before the backward's first kernel reads it
+            args[3][-5].add_(1.0)  # the cache (kernel argument BIAS), just before the backward's first kernel reads it
         real_launch(kind, *args)
 
     monkeypatch.setattr(triton_impl, "launch", corrupting)
@@ -335,10 +335,12 @@ def test_bias_cache(mode, targets, monkeypatch):
 @pytest.mark.parametrize("targets", [False, True])
 def test_table_gradients_from_stored_ds(mode, targets, monkeypatch):
     # with the bias cache, the dQ kernel runs first, stores dS (DS_OUT) and computes no table gradient; the dK/dV
-    # kernel (DS_IN) and the table-gradient kernel read it back: the launches are dq (storing), dkdv (reading),
-    # dsgrad; the result is the one-pass dQ's (and the reference's) and dK/dV recomputing dS gives it too; the
+    # kernel (DS_IN) and the table-gradient kernels read it back: the launches are dq (storing), dkdv (reading),
+    # dsgrad, diag (the position table along diagonals); the result is the one-pass dQ's (and the reference's), and
+    # dK/dV recomputing dS or dsgrad adding every pair's position gradient (DIAG_GRADS off) give it too; the
     # gradients really come from the buffer (corrupting it before dsgrad changes both table gradients and nothing
-    # else, before dkdv dK and the tables' and nothing else); over DS_BUFFER_MAX_BYTES the one pass runs instead
+    # else, before diag the position table's only, before dkdv dK and the tables' and nothing else); over
+    # DS_BUFFER_MAX_BYTES the one pass runs instead
     q, k, v, offsets, kw = cache_case(mode, targets)
     tabs = (table(2, 9, 51), table(2, 32, 52))
     real_launch = triton_impl.launch
@@ -350,12 +352,19 @@ def test_table_gradients_from_stored_ds(mode, targets, monkeypatch):
 
     monkeypatch.setattr(triton_impl, "launch", spy)
     got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
-    assert launches == [("fwd", False, False), ("dq", True, False), ("dkdv", False, True), ("dsgrad", False, False)]
+    assert launches == [("fwd", False, False), ("dq", True, False), ("dkdv", False, True), ("dsgrad", False, False),
+                        ("diag", False, False)]
     assert_close_rel(got, forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
+    monkeypatch.setattr(triton_impl, "DIAG_GRADS", False)
+    launches.clear()
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
+    assert [kind for kind, *_ in launches] == ["fwd", "dq", "dkdv", "dsgrad"]
+    monkeypatch.setattr(triton_impl, "DIAG_GRADS", True)
     monkeypatch.setattr(triton_impl, "DKDV_READS_DS", False)
     launches.clear()
     assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
-    assert launches == [("fwd", False, False), ("dkdv", False, False), ("dq", True, False), ("dsgrad", False, False)]
+    assert launches == [("fwd", False, False), ("dkdv", False, False), ("dq", True, False), ("dsgrad", False, False),
+                        ("diag", False, False)]
     monkeypatch.setattr(triton_impl, "DKDV_READS_DS", True)
     monkeypatch.setattr(triton_impl, "DS_BUFFER", False)
     launches.clear()
@@ -369,10 +378,10 @@ def test_table_gradients_from_stored_ds(mode, targets, monkeypatch):
     assert [kind for kind, *_ in launches] == ["fwd", "dkdv", "dq_inline"]
     monkeypatch.setattr(triton_impl, "DS_BUFFER_MAX_BYTES", 2 << 30)
 
-    for reader, changed in (("dsgrad", (4, 5)), ("dkdv", (2, 4, 5))):
+    for reader, changed in (("dsgrad", (4, 5)), ("diag", (4,)), ("dkdv", (2, 4, 5))):
         def corrupting(kind, *args):
-            if kind == reader:
-                args[3][-1].add_(1.0)  # the dS buffer (kernel argument DSB), just before the reader
+            if kind == reader:  # the dS buffer (kernel argument DSB), just before the reader
+                (args[3][0] if kind == "diag" else args[3][-2] if kind == "dsgrad" else args[3][-1]).add_(1.0)
             real_launch(kind, *args)
 
         monkeypatch.setattr(triton_impl, "launch", corrupting)
@@ -382,6 +391,36 @@ def test_table_gradients_from_stored_ds(mode, targets, monkeypatch):
                 assert (bad[i] - got[i]).norm() > 0.1 * got[i].norm(), (reader, i)
             else:
                 assert torch.equal(bad[i], got[i]), (reader, i)
+
+
+@pytest.mark.parametrize("mode, layout", [("causal", True), ("mixed", True), ("mixed", False), ("full", False)])
+def test_position_gradient_along_diagonals(mode, layout, monkeypatch):
+    # the position table's unclamped pairs of keys at their own event position are summed along the dS buffer's
+    # diagonals (the diag kernel), every other pair by the table-gradient kernel: with the batch layout (identity
+    # prefixes: every H and R key) and with random token types (prefixes cut short mid-sample, targets among the
+    # keys), against the reference and against dsgrad adding every pair (DIAG_GRADS off); a table wider than the
+    # samples and one that clamps most pairs
+    q, k, v, offsets, types, stamps = make_batch(LENGTHS, 2, 1, d_qk=16, d_v=16, layout=layout, seed=61)
+    positions = event_positions(offsets, types, stamps, types.numel())
+    prefix = triton_meta.identity_prefix(offsets, positions.to(torch.int32), types.numel()).cpu()
+    for b, (start, end) in enumerate(zip(offsets.tolist(), offsets[1:].tolist())):
+        local = positions[start:end].cpu() == torch.arange(end - start)
+        want = int((~local).nonzero()[0]) if (~local).any() else end - start
+        assert int(prefix[b]) == want
+    kinds = []
+    real = triton_impl.launch
+    monkeypatch.setattr(triton_impl, "launch", lambda kind, *a: (kinds.append(kind), real(kind, *a)))
+    kw = dict(max_len=40, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="keys",
+              time_bucket_base=2.0)
+    for half in (3, 40):
+        tabs = (table(2, 2 * half + 1, 62), table(2, 32, 63))
+        kinds.clear()
+        got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+        assert "diag" in kinds
+        assert_close_rel(got, forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
+        monkeypatch.setattr(triton_impl, "DIAG_GRADS", False)
+        assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
+        monkeypatch.setattr(triton_impl, "DIAG_GRADS", True)
 
 
 def test_config_lists_follow_the_kernel_variant():

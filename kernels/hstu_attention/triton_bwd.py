@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 from recfm.kernels.hstu_attention.triton_common import (
+    FAR,
+    INT_MAX,
     add_bias,
     allowed_tile,
     band_grads_add,
@@ -247,7 +249,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
              TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr,
              INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
-             DS_OUT: tl.constexpr, DS_IN: tl.constexpr):
+             DS_OUT: tl.constexpr, DS_IN: tl.constexpr, id_end, DIAG: tl.constexpr):
     """One key tile of :func:`_dq_program`: ``dQ += dS k`` and the table gradients of flat super-tiles
     (``BAND`` false), or only the table gradients of the other super-tiles (``BAND`` true)."""
     GRADS: tl.constexpr = POS_GRAD or TIME_GRAD
@@ -264,8 +266,8 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
             D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP,
             BIAS_IN)
         pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
-                                           pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
-                                           FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
+                                           pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base, col_ok,
+                                           FEW_BUCKETS, POS_GRAD, TIME_GRAD, False, BLOCK_M, BLOCK_N)
     else:
         if DS_IN:  # the table-gradient kernel: dS as the dQ kernel stored it, no products
             ds, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_stored(
@@ -288,9 +290,12 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
                     ds, tt_q[:, None], tt_k[None, :], d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
                     P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
             else:
+                key_id = col_ok
+                if DIAG:  # keys at their own event position: hstu_diag_grad_kernel adds their unclamped pairs
+                    key_id = (start_n + tl.arange(0, BLOCK_N)) < id_end
                 pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
                                                    pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
-                                                   FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BLOCK_N)
+                                                   key_id, FEW_BUCKETS, POS_GRAD, TIME_GRAD, DIAG, BLOCK_M, BLOCK_N)
         elif GRADS:
             if flat:
                 pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
@@ -309,7 +314,7 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
               BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr,
               POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr,
               SUPER: tl.constexpr, INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-              BIAS_IN: tl.constexpr, DS_OUT: tl.constexpr, DS_IN: tl.constexpr):
+              BIAS_IN: tl.constexpr, DS_OUT: tl.constexpr, DS_IN: tl.constexpr, id_end, DIAG: tl.constexpr):
     """:func:`_dq_step` over the key tiles of ``[lo, hi)`` (multiples of BLOCK_N). The band kernel walks the
     ``SUPER``-wide key cells instead, judges each cell's flatness once and skips the flat ones whole: per
     flat cell one span test instead of one per small tile (at L 4096 the mixed layer's band kernel went
@@ -326,7 +331,7 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
                         evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
                         TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
                         BIAS, BS, DSB, KS, VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
-                        BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN)
+                        BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN, id_end, DIAG)
     else:
         for start_n in range(lo, hi, BLOCK_N):
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
@@ -334,7 +339,7 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
                 evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT,
                 kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS, VS, D_QK, D_V, MASKED,
                 MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN)
+                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN, id_end, DIAG)
     return dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb
 
 
@@ -342,13 +347,13 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
 def _dq_program(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
     QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, BIAS, BS, BHS, DSB,
-    H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    IDEND, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
-    DS_OUT: tl.constexpr, DS_IN: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DS_OUT: tl.constexpr, DS_IN: tl.constexpr, DIAG: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The query-major backward: the forward's loop over key tiles per query tile, see the two kernels."""
     b, g, pid, n_prog = grid_ids(TILES_FIRST)
@@ -374,6 +379,9 @@ def _dq_program(
     if DS_OUT or DS_IN:  # the dS buffer, laid out as the bias cache
         DSB += g * BHS + q_start * BS
     kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, HAS_POS or HAS_TIME)
+    id_end = 0
+    if DIAG:  # keys [0, id_end) sit at their own event positions (triton_meta.identity_prefix)
+        id_end = tl.load(IDEND + b)
     pg_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     pg_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
     tb = 0
@@ -417,20 +425,20 @@ def _dq_program(
             ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB,
             TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS, VS, D_QK, D_V, False,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN)
+            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN, id_end, DIAG)
         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
             free_end, masked_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
             tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
             TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS, VS, D_QK, D_V, True,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN)
+            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN, id_end, DIAG)
         if MASK_MODE == 2:
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
                 extra_lo, extra_hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
                 tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
                 TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS, VS, D_QK, D_V,
                 True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN)
+                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN, id_end, DIAG)
         if not BAND and not DS_IN:
             store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)
     if POS_GRAD:
@@ -446,12 +454,12 @@ def _dq_program(
 def hstu_dq_kernel(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
     QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS,
-    BHS, DSB, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    BHS, DSB, IDEND, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
-    DS_OUT: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    DS_OUT: tl.constexpr, DIAG: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     """DQ ``[N_q, H, D_QK]`` (input dtype), and the table gradients (only when POS_GRAD / TIME_GRAD) into
@@ -463,9 +471,9 @@ def hstu_dq_kernel(
     gradient here) it stores each tile's dS into ``DSB`` for :func:`hstu_ds_grad_kernel` instead."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
-                DSB, H, GROUP,
+                DSB, IDEND, H, GROUP,
                 D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, False, TILES_FIRST, BLOCK_M,
+                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, False, False, TILES_FIRST, BLOCK_M,
                 BLOCK_N,
                 BLOCK_DQK, BLOCK_DV)
 
@@ -474,12 +482,12 @@ def hstu_dq_kernel(
 def hstu_band_grad_kernel(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
     QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS,
-    BHS, DSB, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
+    BHS, DSB, IDEND, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
     INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
-    DS_OUT: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    DS_OUT: tl.constexpr, DIAG: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     """The table gradients of the ``SUPER x SUPER`` tiles that are not flat (near the diagonal, or across
@@ -489,9 +497,9 @@ def hstu_band_grad_kernel(
     BLOCK_M and BLOCK_N divide SUPER."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
-                DSB, H, GROUP,
+                DSB, IDEND, H, GROUP,
                 D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, BIAS_IN, False, False, TILES_FIRST, BLOCK_M,
+                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, BIAS_IN, False, False, False, TILES_FIRST, BLOCK_M,
                 BLOCK_N,
                 BLOCK_DQK, BLOCK_DV)
 
@@ -500,12 +508,12 @@ def hstu_band_grad_kernel(
 def hstu_ds_grad_kernel(
     Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT, KCH, QEXT,
     QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base: tl.constexpr, LEN_KEY, BIAS, BS,
-    BHS, DSB, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr,
+    BHS, DSB, IDEND, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr,
     KS: tl.constexpr, VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr,
     HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
     FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr,
     TB_PAD: tl.constexpr, INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
-    DS_OUT: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DS_OUT: tl.constexpr, DIAG: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """The table gradients from the ``dS`` that :func:`hstu_dq_kernel` stored (``DS_OUT``) in ``DSB`` ``[h, N_q,
@@ -514,6 +522,62 @@ def hstu_ds_grad_kernel(
     keeps the large tiles of attention without tables and this kernel's tiles hold only the gradient state."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
-                DSB, H, GROUP, D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST,
+                DSB, IDEND, H, GROUP, D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST,
                 FEW_BUCKETS, POS_GRAD, TIME_GRAD, False, SUPER, TB_PAD, True, TB_LANES, TOEP, BIAS_IN, False, True,
-                TILES_FIRST, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                DIAG, TILES_FIRST, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+
+
+@triton.jit
+def hstu_diag_grad_kernel(
+    DSB, DPTAB, OFF, QOFF, QTOK, VIS, POS, IDEND, LEN_KEY, BS, BHS, ptab_stride, P_HALF, H: tl.constexpr,
+    MASK_MODE: tl.constexpr, HAS_QIDX: tl.constexpr, P_SLOTS: tl.constexpr, TILES_FIRST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The position-table gradient of the pairs whose key sits at its own event position (keys ``[0, id_end)``
+    of a sample, :func:`.triton_meta.identity_prefix`) and whose offset ``delta = ev_q - j`` lies inside the
+    clamp (``|delta| < P``), from the dS that :func:`hstu_dq_kernel` stored (``DSB``, the bias cache's ``[h, N_q,
+    BS]`` layout). Their bucket is ``delta + P``: a diagonal of the dS buffer, shifted per row by the query's
+    event position. So the tile of ``BLOCK_M`` query rows and ``BLOCK_N`` offsets ``delta = c BLOCK_N - P + k``
+    is loaded *skewed*, row ``i`` from column ``ev_i - delta`` on (contiguous addresses per row, read once, only
+    where the mask allows the pair), and one column sum gives ``BLOCK_N`` buckets' gradients: no gather, no
+    per-score bucket. Chunk ``c`` always holds buckets ``c BLOCK_N + k``, so a program adds its chunks' sums
+    in registers (``[P_SLOTS / BLOCK_N, BLOCK_N]``, ``P_SLOTS >= 2P``) over its query tiles and flushes them with
+    one vector atomic. Every other pair (clamped offsets, other keys: a target's own position) and the whole
+    time table are :func:`hstu_ds_grad_kernel`'s (``DIAG``). Grid: several query tiles per program
+    (:func:`.triton_common.grid_ids`; the launcher sizes it)."""
+    b, g, pid, n_prog = grid_ids(TILES_FIRST)
+    seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
+    n_tiles = tl.cdiv(q_len, BLOCK_M)
+    if pid < n_tiles:
+        id_end = tl.load(IDEND + b)
+        QTOK += q_start
+        VIS += 2 * seq_start
+        POS += seq_start
+        DSB += g * BHS + q_start * BS
+        DPTAB += g * ptab_stride
+        NC: tl.constexpr = P_SLOTS // BLOCK_N
+        k = tl.arange(0, BLOCK_N)
+        slot = tl.arange(0, NC)
+        acc = tl.zeros([NC, BLOCK_N], dtype=tl.float32)
+        for m in range(pid, n_tiles, n_prog):
+            rows, row_ok, pos_q, _, vis_q, _, ev_q = query_tile(QTOK, POS, VIS, POS, POS, seq_start, q_len, m * BLOCK_M,
+                                                                HAS_QIDX, False, MASK_MODE == 2, False, True, BLOCK_M)
+            e_lo = tl.min(tl.where(row_ok, ev_q, FAR), axis=0)
+            e_hi = tl.max(tl.where(row_ok, ev_q, -FAR), axis=0)
+            # keys [0, id_end) give offsets [ev - id_end + 1, ev]; inside the clamp, cells 0 < c BLOCK_N + k < 2P
+            c_lo = tl.maximum(e_lo - id_end + 1 + P_HALF, 0) // BLOCK_N
+            c_hi = tl.minimum(e_hi + P_HALF, 2 * P_HALF - 1) // BLOCK_N
+            for c in range(c_lo, c_hi + 1):
+                delta = c * BLOCK_N - P_HALF + k
+                col = ev_q[:, None] - delta[None, :]
+                inside = (delta > -P_HALF) & (delta < P_HALF)
+                ok = row_ok[:, None] & inside[None, :] & (col >= 0) & (col < id_end)
+                if MASK_MODE == 1:
+                    ok = ok & (col <= pos_q[:, None])
+                elif MASK_MODE == 2:
+                    vis_k = tl.load(VIS + 2 * col + 1, mask=ok, other=INT_MAX)
+                    ok = ok & ((vis_k <= vis_q[:, None]) | (col == pos_q[:, None]))
+                ds = tl.load(DSB + rows[:, None] * BS + col, mask=ok, other=0.0).to(tl.float32)
+                acc += tl.where(slot[:, None] == c, tl.sum(ds, axis=0)[None, :], 0.0)
+        cells = slot[:, None] * BLOCK_N + k[None, :]
+        tl.atomic_add(DPTAB + cells, acc, mask=(cells > 0) & (cells < 2 * P_HALF), sem="relaxed")

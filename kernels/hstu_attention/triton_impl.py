@@ -70,6 +70,13 @@ DS_BUFFER_MAX_BYTES = 1 << 30
 # With the dS buffer, dQ runs first and the dK/dV kernel reads dS from it (DS_IN) instead of recomputing it: three
 # products per tile instead of four (docs/kernels.md); False keeps dK/dV computing dS itself (a benchmark switch)
 DKDV_READS_DS = True
+# With the dS buffer and a position table taking its gradient, the pairs whose key sits at its own event position
+# (every key but the targets in the batch layout) and whose offset lies inside the clamp are summed along the
+# buffer's diagonals by triton_bwd.hstu_diag_grad_kernel (skewed loads, register sums, one flush per program);
+# the table-gradient kernel (DIAG) keeps the time table, the clamped pairs and the other keys. Up to DIAG_MAX_SLOTS
+# position buckets (the diag kernel holds next_power_of_2(2P) sums per program).
+DIAG_GRADS = True
+DIAG_MAX_SLOTS = 4096
 
 
 def lanes_hold_time_table(num_tb: int) -> bool:
@@ -175,6 +182,21 @@ class _Plan:
             t.kchunks, t.qext, t.qchunks, c, pos_stride, time_stride, half, num_tb, inv_log2_base, c.stride(1),
             c.stride(0), H=self.num_heads, **flags, BLOCK_M=block, BLOCK_N=block, num_warps=4)
 
+    def pos_slots(self) -> int:
+        """Register sums per program of the diag kernel: ``2P`` rounded up to a power of two (at least 64)."""
+        return max(64, triton.next_power_of_2(self.pos_shape[1] - 1))
+
+    def diag_grad(self, dsb: torch.Tensor, dpos: torch.Tensor, pos_bias: torch.Tensor) -> None:
+        """Add the position gradient of the pairs :func:`.triton_bwd.hstu_diag_grad_kernel` owns (:data:`DIAG_GRADS`)
+        from the dS buffer ``dsb`` to ``dpos`` (laid out like the table, as the dQ kernel reads it)."""
+        t, half, len_key = self.tokens, self.scalars[2], self.scalars[5]
+        ptab_stride = self.table_strides(pos_bias, None, "dq")[0]
+        flags = {name: self.meta[name] for name in ("H", "MASK_MODE", "HAS_QIDX")}
+        launch("diag", self.max_len, self.num_samples, self.num_heads,
+               (dsb, dpos, t.offsets, t.qoff, t.qtok, t.vis, t.positions, t.idend, len_key, dsb.stride(1),
+                dsb.stride(0), ptab_stride, half),
+               {**flags, "P_SLOTS": self.pos_slots()})
+
     def pos_width(self, kind: str) -> int:
         """Columns per head of the position table as kernel ``kind`` reads it (and of the gradient buffer the
         table-gradient kernels write): the table, then its Toeplitz layout (:func:`.triton_meta.toeplitz_tables`)
@@ -273,14 +295,17 @@ class _HSTUAttention(torch.autograd.Function):
             if not dkdv_reads_ds:
                 dkdv()
             args = (q_sorted, k, v, do, dq, dpos, dtime, *plan.tail(invn, pos_bias, time_bias, kind),
-                    *plan.bias_args(), plan.dummy_f if dsb is None else dsb)
-            if dsb is not None:  # dQ stores dS; the table-gradient kernel (and dK/dV) read it back
+                    *plan.bias_args(), plan.dummy_f if dsb is None else dsb, plan.tokens.idend)
+            if dsb is not None:  # dQ stores dS; the table-gradient kernels (and dK/dV) read it back
                 launch("dq", plan.max_len, plan.num_samples, plan.num_heads, args,
                        {**plan.kernel_meta("dq"), **grads, "POS_GRAD": False, "TIME_GRAD": False, "DS_OUT": True})
                 if dkdv_reads_ds:
                     dkdv()
+                diag = grads["POS_GRAD"] and DIAG_GRADS and plan.pos_slots() <= DIAG_MAX_SLOTS
                 launch("dsgrad", plan.max_len, plan.num_samples, plan.num_heads, args,
-                       {**plan.kernel_meta("dsgrad"), **grads})
+                       {**plan.kernel_meta("dsgrad"), **grads, "DIAG": diag})
+                if diag:
+                    plan.diag_grad(dsb, dpos, pos_bias)
             else:
                 launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.kernel_meta(kind), **grads})
             if split:  # the table gradients of the cells dq leaves out

@@ -9,7 +9,9 @@ From ``SPLIT_FROM_LEN`` on, the table gradients are split between the dQ kernel 
 cells, in registers, large tiles) and the band kernel (the other cells, small tiles): both judge flatness on
 the same ``SUPER``-aligned grid, which every block size of both divides. Shorter batches, where most tiles
 lie near the diagonal, take them from the dS the dQ kernel stores (``dsgrad``, with the bias cache:
-:data:`.triton_impl.DS_BUFFER`), else compute all of them in one dQ pass (``dq_inline``, small tiles).
+:data:`.triton_impl.DS_BUFFER`; the position table's unclamped pairs of keys at their own event positions go to
+``diag`` along the buffer's diagonals, :data:`.triton_impl.DIAG_GRADS`), else compute all of them in one dQ pass
+(``dq_inline``, small tiles).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import functools
 import triton
 import triton.testing
 
-from recfm.kernels.hstu_attention.triton_bwd import (hstu_band_grad_kernel, hstu_dkdv_kernel, hstu_dq_kernel,
-                                                      hstu_ds_grad_kernel)
+from recfm.kernels.hstu_attention.triton_bwd import (hstu_band_grad_kernel, hstu_diag_grad_kernel, hstu_dkdv_kernel,
+                                                      hstu_dq_kernel, hstu_ds_grad_kernel)
 from recfm.kernels.hstu_attention.triton_fwd import hstu_fwd_kernel
 from recfm.kernels.interpreter import index_fix as _interpreter_index_fix  # noqa: F401 - tests import it here
 from recfm.kernels.interpreter import interpreting
@@ -34,7 +36,7 @@ TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not 
 TILES_FIRST = True  # grid (tiles, heads, samples) up to MAX_GRID_Z samples (triton_common.grid_ids)
 MAX_GRID_Z = 65535
 KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
-       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN", "DS_OUT", "DS_IN"]
+       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN", "DS_OUT", "DS_IN", "DIAG", "P_SLOTS"]
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -88,6 +90,11 @@ _CONFIGS = {
     # the medium step's shape against 1.51 for 64 x 64 in 8 warps and 1.55 for 32 x 32 (H100, docs/benchmarks.md)
     ("dkdv", 256, "ds"): [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
+# the position-table gradient along the dS buffer's diagonals (no products, no head dim: one list); BLOCK_N is the
+# number of offsets per skewed tile
+_CONFIGS.update({("diag", d, True): [(32, 64, 1, 1), (16, 64, 1, 1), (32, 32, 1, 1), (64, 64, 2, 1), (32, 64, 2, 1)]
+                 for d in (64, 128, 256)})
+DIAG_ROW_TILES = 4  # query tiles per program of the diag kernel (it flushes its register sums once per program)
 
 
 def _dim_class(block_d: int) -> int:
@@ -108,6 +115,8 @@ def config_class(kind: str, block_d: int, meta: dict) -> bool | str:
     (``"cache"``), else the list without tables."""
     if meta.get("DS_IN") and (kind, _dim_class(block_d), "ds") in _CONFIGS:
         return "ds"
+    if kind == "diag":
+        return True
     tables = bool(meta["HAS_POS"] or meta["HAS_TIME"])
     if tables and meta.get("BIAS_IN") and not (meta.get("POS_GRAD") or meta.get("TIME_GRAD")):
         return "cache" if (kind, _dim_class(block_d), "cache") in _CONFIGS else False
@@ -120,7 +129,8 @@ _TUNERS: dict[tuple[str, int, bool | str], object] = {}  # one autotuner per (ke
 def _tuned(kind: str, block_d: int, heavy: bool | str):
     if (kind, block_d, heavy) not in _TUNERS:
         bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
-        reset = ["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "band", "dsgrad") else None
+        reset = (["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "band", "dsgrad") else ["DPTAB"] if kind == "diag"
+                 else None)
         _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY, reset_to_zero=reset,
                                                         do_bench=bench)(_KERNELS[kind])
     return _TUNERS[kind, block_d, heavy]
@@ -140,7 +150,7 @@ def _tiles(rows: int, block: int) -> int:
 
 
 _KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dq_inline": hstu_dq_kernel, "dkdv": hstu_dkdv_kernel,
-            "band": hstu_band_grad_kernel, "dsgrad": hstu_ds_grad_kernel}
+            "band": hstu_band_grad_kernel, "dsgrad": hstu_ds_grad_kernel, "diag": hstu_diag_grad_kernel}
 _PINNED: dict[str, triton.Config] = {}  # set only inside pinned(): benchmarks and tuning sweeps
 _UNTUNED: list[bool] = []  # non-empty only inside untuned(): benchmarks over many shape classes
 
@@ -149,7 +159,7 @@ _UNTUNED: list[bool] = []  # non-empty only inside untuned(): benchmarks over ma
 def pinned(**configs: tuple[int, int, int, int]):
     """Run kernels with exactly the given ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` inside the block,
     bypassing the autotuner, e.g. ``with pinned(fwd=(128, 128, 8, 3)): ...`` (kinds ``fwd``, ``dq``,
-    ``dkdv``, ``band``, ``dq_inline``, ``dsgrad``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
+    ``dkdv``, ``band``, ``dq_inline``, ``dsgrad``, ``diag``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
     unknown = set(configs) - set(_KERNELS)
     if unknown:
         raise ValueError(f"pinned: unknown kernel kinds {sorted(unknown)}; kinds are {sorted(_KERNELS)}")
@@ -176,12 +186,14 @@ def untuned():
 
 
 def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tuple, meta: dict) -> None:
-    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dq_inline`` | ``dkdv`` | ``band`` | ``dsgrad``) over ``num_samples x
-    num_heads x cdiv(grid_rows, tile)`` programs; the tile is BLOCK_M (all but dkdv) or BLOCK_N (dkdv). Tiles on the fastest
+    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dq_inline`` | ``dkdv`` | ``band`` | ``dsgrad`` | ``diag``) over
+    ``num_samples x num_heads x cdiv(grid_rows, tile)`` programs; the tile is BLOCK_M (all but dkdv; the diag
+    kernel's programs take :data:`DIAG_ROW_TILES` of them) or BLOCK_N (dkdv). Tiles on the fastest
     grid axis (:data:`TILES_FIRST`, up to :data:`MAX_GRID_Z` samples): the programs that run together are the
     tiles of one sample and head, which share its keys and values in L2; each program starts with its heaviest
     causal tile (the kernels' tile loop runs from the last)."""
     block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    rows_per_tile = DIAG_ROW_TILES if kind == "diag" else 1  # several query tiles per diag program
     if kind == "dkdv":
         meta = {"DS_IN": False, **meta}
     tiles_first = TILES_FIRST and num_samples <= MAX_GRID_Z
@@ -191,25 +203,25 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
         return (tiles, num_heads, num_samples) if tiles_first else (num_samples, num_heads, tiles)
 
     if kind in ("dq", "dq_inline", "band", "dsgrad"):  # see triton_common.scatter_add_grad
-        meta = {"DS_OUT": False, **meta, "FEW_BUCKETS": 4 if interpreting() else 128,
+        meta = {"DS_OUT": False, "DIAG": False, **meta, "FEW_BUCKETS": 4 if interpreting() else 128,
                 "SUPER": INTERPRET_SUPER if interpreting() else SUPER, "INLINE": kind in ("dq_inline", "dsgrad")}
     if interpreting():
         _interpreter_index_fix()
         tiles = {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
-        _KERNELS[kind][order(_tiles(grid_rows, tiles[block]))](*args, **meta, **tiles)
+        _KERNELS[kind][order(_tiles(grid_rows, tiles[block] * rows_per_tile))](*args, **meta, **tiles)
         return
-    block_d = max(meta["BLOCK_DQK"], meta["BLOCK_DV"])
+    block_d = max(meta.get("BLOCK_DQK", 16), meta.get("BLOCK_DV", 16))  # the diag kernel has no head dim
     heavy = config_class(kind, block_d, meta)
     if kind in _PINNED or grid_rows < TUNE_FROM_LEN or _UNTUNED:
         if kind in _PINNED:
             cfg = _PINNED[kind]
         else:
             cfg = configs(kind, block_d, heavy)[-1 if grid_rows < TUNE_FROM_LEN else 0]
-        _KERNELS[kind][order(_tiles(grid_rows, cfg.kwargs[block]))](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
-                                                                     num_stages=cfg.num_stages)
+        _KERNELS[kind][order(_tiles(grid_rows, cfg.kwargs[block] * rows_per_tile))](
+            *args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return
 
     def tuned_grid(cfg):
-        return order(_tiles(grid_rows, cfg[block]))
+        return order(_tiles(grid_rows, cfg[block] * rows_per_tile))
 
     _tuned(kind, block_d, heavy)[tuned_grid](*args, **meta)

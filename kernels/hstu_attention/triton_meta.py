@@ -15,6 +15,8 @@ Contents (all int32 unless said, ``N`` tokens, ``B`` samples):
   while a sample spans less than ~68 years);
 * ``stats``: ``[B, 3]`` first non-H position, 1 + last H position, 1 + last H/R position (mixed mask);
 * ``positions``: event positions (``bias.event_positions``) for the position bias;
+* ``idend``: ``[B]`` per sample, the number of leading tokens that sit at their own event position (with a
+  position table; :func:`identity_prefix`): the keys whose position gradient goes along diagonals;
 * ``bounds``: time-bucket boundaries (``bias.time_bucket_boundaries``) clamped to ``2^31 - 1``;
 * ``kext``, ``kchunks`` / ``qext``, ``qchunks``: per chunk of ``CHUNK`` consecutive keys (queries) of a sample,
   the lowest and highest event position and relative second (``[chunks, 5]``: pos lo, pos hi, seconds lo,
@@ -54,6 +56,16 @@ def mixed_stats(offsets: torch.Tensor, token_type: torch.Tensor, num_tokens: int
     h_end = zeros.clone().scatter_reduce_(0, samples, torch.where(is_h, local + 1, 0), "amax")
     e_end = zeros.scatter_reduce_(0, samples, torch.where(is_event, local + 1, 0), "amax")
     return torch.stack([h_prefix, h_end, e_end], 1).to(torch.int32).contiguous()
+
+
+def identity_prefix(offsets: torch.Tensor, positions: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``[B]`` int32 per sample: how many of its first tokens have their index in the sample as event position
+    (all of them, ``L``, when every token does: a causal sequence; the H and R tokens of the batch layout)."""
+    lengths = offsets[1:] - offsets[:-1]
+    samples = sample_ids(offsets, num_tokens)
+    local = torch.arange(num_tokens, device=offsets.device) - offsets[samples]
+    first_off = torch.where(positions == local, lengths[samples], local)
+    return lengths.clone().scatter_reduce_(0, samples, first_off, "amin").to(torch.int32).contiguous()
 
 
 def visibility_codes(token_type: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
@@ -160,6 +172,7 @@ class TokenMeta:
     seconds: torch.Tensor
     stats: torch.Tensor
     positions: torch.Tensor
+    idend: torch.Tensor
     bounds: torch.Tensor
     kext: torch.Tensor
     kchunks: torch.Tensor
@@ -197,6 +210,7 @@ def _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_tim
         seconds=seconds,
         stats=mixed_stats(offsets, token_type, num_tokens) if mixed else i32,
         positions=positions,
+        idend=identity_prefix(offsets, positions, num_tokens) if with_pos else i32,
         bounds=bounds, kext=kext, kchunks=kchunks, qext=qext, qchunks=qchunks,
     )
 
