@@ -27,7 +27,7 @@ STEP_PLAIN = dict(fwd=(128, 32, 8, 3), dq=(128, 32, 8, 3), dkdv=(32, 64, 8, 3))
 STEP_SPLIT = dict(STEP, band=(32, 32, 4, 2))
 # the step's tables with the dS buffer: dQ in the blocks of attention without tables, storing dS; dsgrad reads it
 STEP_ONE_PASS = dict(STEP, fwd=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # the autotuner's forward and dK/dV in the step
-STEP_DS = dict(STEP_ONE_PASS, dq=(128, 32, 8, 2), dsgrad=(16, 32, 1, 2), diag=(32, 64, 1, 1))
+STEP_DS = dict(STEP_ONE_PASS, dq=(128, 32, 8, 2), dsgrad=(16, 32, 1, 2), diag=(32, 32, 1, 1))
 STEP_DS_64x32 = dict(STEP_DS, dkdv=(64, 32, 4, 2))  # with dK/dV's pick when it reads dS
 KINDS = ("fwd", "bias", "dq", "band", "dsgrad", "diag", "dkdv")
 KERNEL_NAMES = {"band": "hstu_band_grad_kernel", "dsgrad": "hstu_ds_grad_kernel", "diag": "hstu_diag_grad_kernel"}  # others: hstu_{kind}_kernel
@@ -95,13 +95,15 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     # the position table's unclamped pairs of keys at their own positions along the dS buffer's diagonals
     # (triton_impl.DIAG_GRADS) against the table-gradient kernel adding every pair; the diag kernel's block sizes
     ("step d256: both tables, all pairs in dsgrad", "medium", STEP_DS_64x32, False, {"diag": False}),
-    ("step d256: both tables, diag 32x64 1 warp", "medium", STEP_DS_64x32, False),
+    ("step d256: both tables, diag 32x32 1 warp", "medium", STEP_DS_64x32, False),
+    ("step d256: both tables, diag 32x64 1 warp", "medium", dict(STEP_DS_64x32, diag=(32, 64, 1, 1)), False),
     ("step d256: both tables, diag 16x64 1 warp", "medium", dict(STEP_DS_64x32, diag=(16, 64, 1, 1)), False),
-    ("step d256: both tables, diag 32x32 1 warp", "medium", dict(STEP_DS_64x32, diag=(32, 32, 1, 1)), False),
     ("step d256: both tables, diag 64x64 2 warps", "medium", dict(STEP_DS_64x32, diag=(64, 64, 2, 1)), False),
     ("step d256: both tables, diag 32x64 2 warps", "medium", dict(STEP_DS_64x32, diag=(32, 64, 2, 1)), False),
     ("step d256: both tables, diag 32x128 2 warps", "medium", dict(STEP_DS_64x32, diag=(32, 128, 2, 1)), False),
     ("step d256: both tables, dsgrad 32x32 1 warp, diag", "medium", dict(STEP_DS_64x32, dsgrad=(32, 32, 1, 2)), False),
+    ("step d256: both tables, dsgrad 16x64 1 warp, diag", "medium", dict(STEP_DS_64x32, dsgrad=(16, 64, 1, 2)), False),
+    ("step d256: both tables, dsgrad 16x16 1 warp, diag", "medium", dict(STEP_DS_64x32, dsgrad=(16, 16, 1, 2)), False),
     ("step d256: both tables, dsgrad 32x64 2 warps, diag", "medium", dict(STEP_DS_64x32, dsgrad=(32, 64, 2, 2)), False),
     ("step d256: position table, diag", "medium-pos", STEP_DS_64x32, False),
     ("step d256: time table, diag", "medium-time", STEP_DS_64x32, False),

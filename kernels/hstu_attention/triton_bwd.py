@@ -267,7 +267,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
             BIAS_IN)
         pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
                                            pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base, col_ok,
-                                           FEW_BUCKETS, POS_GRAD, TIME_GRAD, False, BLOCK_M, BLOCK_N)
+                                           True, FEW_BUCKETS, POS_GRAD, TIME_GRAD, False, BLOCK_M, BLOCK_N)
     else:
         if DS_IN:  # the table-gradient kernel: dS as the dQ kernel stored it, no products
             ds, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_stored(
@@ -285,17 +285,26 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
                 cols = start_n + tl.arange(0, BLOCK_N)
                 tl.store(DSB + rows[:, None] * BS + cols[None, :], ds.to(DSB.dtype.element_ty), mask=row_ok[:, None])
         if GRADS and INLINE:  # every tile here, by its own spans
+            key_id = col_ok
+            other_keys = True
+            pos_free = False  # with DIAG: every pair of the tile is hstu_diag_grad_kernel's position gradient
+            if DIAG:  # keys at their own event position: hstu_diag_grad_kernel adds their unclamped pairs
+                key_id = (start_n + tl.arange(0, BLOCK_N)) < id_end
+                other_keys = start_n + BLOCK_N > id_end
+                pos_free = (not other_keys) & (d_lo > -P_HALF) & (d_hi < P_HALF)
             if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
                 pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
                     ds, tt_q[:, None], tt_k[None, :], d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
                     P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
+            elif pos_free & (b_hi - b_lo <= 1):  # only the time table's flat path is left
+                pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
+                    ds, tt_q[:, None], tt_k[None, :], d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
+                    P_HALF, NUM_TB, False, TIME_GRAD)
             else:
-                key_id = col_ok
-                if DIAG:  # keys at their own event position: hstu_diag_grad_kernel adds their unclamped pairs
-                    key_id = (start_n + tl.arange(0, BLOCK_N)) < id_end
                 pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
                                                    pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
-                                                   key_id, FEW_BUCKETS, POS_GRAD, TIME_GRAD, DIAG, BLOCK_M, BLOCK_N)
+                                                   key_id, other_keys, FEW_BUCKETS, POS_GRAD, TIME_GRAD, DIAG, BLOCK_M,
+                                                   BLOCK_N)
         elif GRADS:
             if flat:
                 pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
