@@ -30,9 +30,10 @@ def test_bias_cache_tile_is_loaded_ahead(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
-    # the table gradients come from the dS the dQ kernel stores (triton_impl.DS_BUFFER)
+    # the table gradients come from the dS the dQ kernel stores (triton_impl.DS_BUFFER), the position table's
+    # near-diagonal pairs along its diagonals (DIAG_GRADS)
     assert set(rows) == {"hstu_bias_kernel", "hstu_fwd_kernel", "hstu_dq_kernel", "hstu_ds_grad_kernel",
-                         "hstu_dkdv_kernel"}
+                         "hstu_diag_grad_kernel", "hstu_dkdv_kernel"}
     from bench.attention_profile import STEP
 
     # the kernels' [BLOCK_M, BLOCK_N] bias tile at the step's pinned block sizes
