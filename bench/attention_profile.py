@@ -105,6 +105,15 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: both tables, dsgrad 16x64 1 warp, diag", "medium", dict(STEP_DS_64x32, dsgrad=(16, 64, 1, 2)), False),
     ("step d256: both tables, dsgrad 16x16 1 warp, diag", "medium", dict(STEP_DS_64x32, dsgrad=(16, 16, 1, 2)), False),
     ("step d256: both tables, dsgrad 32x64 2 warps, diag", "medium", dict(STEP_DS_64x32, dsgrad=(32, 64, 2, 2)), False),
+    # 8 warps on 64-row tiles: 8 rows per warp, so Q, dO and the fp32 accumulators fit the registers (bench/
+    # kernel_report.py: dQ spills 20 bytes at 64 x 32 x 8 against 272 at 128 x 32 x 8, dK/dV 32 against 168)
+    ("step d256: both tables, dq 64x32 8 warps", "medium", dict(STEP_DS_64x32, dq=(64, 32, 8, 2)), False),
+    ("step d256: both tables, dq 64x32 8 warps 3 stages", "medium", dict(STEP_DS_64x32, dq=(64, 32, 8, 3)), False),
+    ("step d256: both tables, dkdv 64x32 8 warps", "medium", dict(STEP_DS_64x32, dkdv=(64, 32, 8, 2)), False),
+    ("step d256: both tables, dkdv 64x32 8 warps 3 stages", "medium", dict(STEP_DS_64x32, dkdv=(64, 32, 8, 3)), False),
+    ("step d256: no tables, dq 64x32 8 warps", "medium-nobias", dict(STEP_PLAIN, dq=(64, 32, 8, 3)), True),
+    ("step d256: no tables, fwd 64x32 8 warps", "medium-nobias", dict(STEP_PLAIN, fwd=(64, 32, 8, 3)), True),
+    ("step d256: both tables, fwd 64x32 8 warps", "medium", dict(STEP_DS_64x32, fwd=(64, 32, 8, 3)), False),
     ("step d256: position table, diag", "medium-pos", STEP_DS_64x32, False),
     ("step d256: time table, diag", "medium-time", STEP_DS_64x32, False),
 ]
