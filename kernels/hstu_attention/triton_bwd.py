@@ -528,7 +528,9 @@ def hstu_ds_grad_kernel(
     """The table gradients from the ``dS`` that :func:`hstu_dq_kernel` stored (``DS_OUT``) in ``DSB`` ``[h, N_q,
     BS]`` (the bias cache's layout and dtype: 16-bit inputs store dS rounded as the dQ product reads it): the one-pass dQ's per-tile paths (flat tiles: row sums; others:
     :func:`.triton_common.band_grads_add`), with no products and no Q, K, V or dO read, so that the dQ kernel
-    keeps the large tiles of attention without tables and this kernel's tiles hold only the gradient state."""
+    keeps the large tiles of attention without tables and this kernel's tiles hold only the gradient state. With
+    ``DIAG`` the position table's unclamped pairs of keys at their own event position are left to
+    :func:`hstu_diag_grad_kernel` (keys ``[0, IDEND[b])``)."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
                 DSB, IDEND, H, GROUP, D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST,
@@ -569,6 +571,7 @@ def hstu_diag_grad_kernel(
         slot = tl.arange(0, NC)
         acc = tl.zeros([NC, BLOCK_N], dtype=tl.float32)
         for m in range(pid, n_tiles, n_prog):
+            # token types and seconds are not read (NEED_TYPE, NEED_TT off): POS stands in for their pointers
             rows, row_ok, pos_q, _, vis_q, _, ev_q = query_tile(QTOK, POS, VIS, POS, POS, seq_start, q_len, m * BLOCK_M,
                                                                 HAS_QIDX, False, MASK_MODE == 2, False, True, BLOCK_M)
             e_lo = tl.min(tl.where(row_ok, ev_q, FAR), axis=0)
