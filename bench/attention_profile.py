@@ -29,11 +29,14 @@ STEP_SPLIT = dict(STEP, band=(32, 32, 4, 2))
 STEP_ONE_PASS = dict(STEP, fwd=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # the autotuner's forward and dK/dV in the step
 STEP_DS = dict(STEP_ONE_PASS, dq=(128, 32, 8, 2), dsgrad=(16, 32, 1, 2), diag=(32, 32, 1, 1))
 STEP_DS_64x32 = dict(STEP_DS, dkdv=(64, 32, 4, 2))  # with dK/dV's pick when it reads dS
+STEP_SC = STEP_DS_64x32  # the score cache's rows start from the last step's picks
+STEP_SC_BEST = dict(STEP_SC, dq=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # and its own picks (run 13)
 KINDS = ("fwd", "bias", "dq", "band", "dsgrad", "diag", "dkdv")
 KERNEL_NAMES = {"band": "hstu_band_grad_kernel", "dsgrad": "hstu_ds_grad_kernel", "diag": "hstu_diag_grad_kernel"}  # others: hstu_{kind}_kernel
 ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band[, options])
     # options: {"frozen": True} the tables take no gradient; {"ds_buffer": False} no dS buffer (one dQ pass);
-    # {"dkdv_ds": False} with the buffer, dK/dV recomputes dS instead of reading it
+    # {"dkdv_ds": False} with the buffer, dK/dV recomputes dS instead of reading it; {"diag": False} every pair's
+    # position gradient in dsgrad; {"scores": False} the backward recomputes q k^T (no score cache)
     ("no tables, light blocks", "mixed-nobias", LIGHT, True),
     ("position table", "mixed-pos", HEAVY, True),
     ("time table", "mixed-time", HEAVY, True),
@@ -114,6 +117,26 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: no tables, dq 64x32 8 warps", "medium-nobias", dict(STEP_PLAIN, dq=(64, 32, 8, 3)), True),
     ("step d256: no tables, fwd 64x32 8 warps", "medium-nobias", dict(STEP_PLAIN, fwd=(64, 32, 8, 3)), True),
     ("step d256: both tables, fwd 64x32 8 warps", "medium", dict(STEP_DS_64x32, fwd=(64, 32, 8, 3)), False),
+    # the score cache (triton_impl.SCORE_CACHE): the backward reads the forward's scores instead of q k^T
+    ("step d256: both tables, recomputed scores", "medium", STEP_SC, False, {"scores": False}),
+    ("step d256: both tables, score cache", "medium", STEP_SC, False),
+    ("step d256: score cache, dq 128x32 3 stages", "medium", dict(STEP_SC, dq=(128, 32, 8, 3)), False),
+    ("step d256: score cache, its picks", "medium", STEP_SC_BEST, False),
+    ("step d256: no tables, score cache", "medium-nobias", STEP_SC_BEST, False),
+    ("step d256: score cache, dq 64x32 8 warps", "medium", dict(STEP_SC, dq=(64, 32, 8, 2)), False),
+    ("step d256: score cache, dq 64x32 8 warps 3 stages", "medium", dict(STEP_SC, dq=(64, 32, 8, 3)), False),
+    ("step d256: score cache, dq 128x16 3 stages", "medium", dict(STEP_SC, dq=(128, 16, 8, 3)), False),
+    ("step d256: score cache, dq 64x64", "medium", dict(STEP_SC, dq=(64, 64, 8, 2)), False),
+    ("step d256: score cache, dkdv 32x64", "medium", dict(STEP_SC, dkdv=(32, 64, 8, 2)), False),
+    ("step d256: score cache, dkdv 32x64 3 stages", "medium", dict(STEP_SC, dkdv=(32, 64, 8, 3)), False),
+    ("step d256: score cache, dkdv 64x64", "medium", dict(STEP_SC, dkdv=(64, 64, 8, 2)), False),
+    ("step d256: score cache, dkdv 64x64 3 stages", "medium", dict(STEP_SC, dkdv=(64, 64, 8, 3)), False),
+    ("step d256: score cache, dkdv 32x32", "medium", dict(STEP_SC, dkdv=(32, 32, 4, 2)), False),
+    ("step d256: score cache, fwd 64x32 8 warps", "medium", dict(STEP_SC, fwd=(64, 32, 8, 3)), False),
+    ("step d256: score cache, fwd 128x32 2 stages", "medium", dict(STEP_SC, fwd=(128, 32, 8, 2)), False),
+    ("step d256: score cache, fwd 128x64", "medium", dict(STEP_SC, fwd=(128, 64, 8, 2)), False),
+    ("step d256: score cache, fwd 64x64", "medium", dict(STEP_SC, fwd=(64, 64, 8, 2)), False),
+    ("step d256: score cache, fwd 64x32 4 warps", "medium", dict(STEP_SC, fwd=(64, 32, 4, 3)), False),
     ("step d256: position table, diag", "medium-pos", STEP_DS_64x32, False),
     ("step d256: time table, diag", "medium-time", STEP_DS_64x32, False),
 ]
@@ -203,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             triton_impl.DKDV_READS_DS = opts.get("dkdv_ds", True)
         if hasattr(triton_impl, "DIAG_GRADS"):
             triton_impl.DIAG_GRADS = opts.get("diag", True)
+        if hasattr(triton_impl, "SCORE_CACHE"):
+            triton_impl.SCORE_CACHE = opts.get("scores", True)
         try:
             kernels = profile_row(variant, pins, args.steps, args.length, args.tokens, opts.get("frozen", False))
             check = check_row(variant, pins)
@@ -212,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append(dict(row=label, variant=variant, pinned=pins, split=split, frozen=opts.get("frozen", False),
                          ds_buffer=opts.get("ds_buffer", True), dkdv_ds=opts.get("dkdv_ds", True),
-                         diag=opts.get("diag", True), kernels_ms=kernels, check=check))
+                         diag=opts.get("diag", True), scores=opts.get("scores", True), kernels_ms=kernels,
+                         check=check))
         ms = [kernels.get(KERNEL_NAMES.get(kind, f"hstu_{kind}_kernel"), 0.0) for kind in KINDS]
         total = sum(kernels.values())
         print(f"{label:32s} " + " ".join(f"{t:8.3f}" for t in ms) + f" {total:8.3f} {check:8.1e}", flush=True)

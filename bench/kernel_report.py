@@ -141,9 +141,10 @@ def describe(name: str, kernel, num_warps) -> dict:
                 smem=kernel.metadata.shared, **loads(kernel.asm["ttgir"]))
 
 
-def report(variant: str, length: int, samples: int, pins: str) -> list[dict]:
+def report(variant: str, length: int, samples: int, pins: str, extra: dict | None = None) -> list[dict]:
     """Compile one forward + backward of ``bench.attention_sweep`` variant ``variant`` (``samples`` samples of
-    ``length`` tokens, bf16) and describe each kernel."""
+    ``length`` tokens, bf16) and describe each kernel; ``extra``: ``{kind: (BLOCK_M, BLOCK_N, warps, stages)}``
+    over the pins (not with ``first``)."""
     import torch
 
     from bench.attention import make_batch
@@ -160,8 +161,8 @@ def report(variant: str, length: int, samples: int, pins: str) -> list[dict]:
             kw.pop(f"{name}_bias", None)
     leaves = {name: kw.pop(name).detach().requires_grad_() for name in ("pos_bias", "time_bias") if name in kw}
     q, k, v = (batch[name].detach().clone().requires_grad_() for name in ("q", "k", "v"))
-    blocks = {"step": pinned(**known(STEP)), "step-ds": pinned(**known(STEP_DS)), "step-plain": pinned(**known(STEP_PLAIN)),
-              "first": untuned()}[pins]
+    sets = {"step": STEP, "step-ds": STEP_DS, "step-plain": STEP_PLAIN}
+    blocks = pinned(**known({**sets[pins], **(extra or {})})) if pins in sets else untuned()
     with compile_only() as compiled, blocks:
         out = hstu_attention(q, k, v, batch["offsets"], impl="triton", validate=False, **kw, **leaves)
         out.backward(torch.zeros_like(out))
@@ -174,12 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--pins", choices=("step", "step-ds", "step-plain", "first"), default="step")
+    parser.add_argument("--pin", action="append", default=[], metavar="KIND=BM,BN,WARPS,STAGES",
+                        help="override one kernel's pinned block sizes, e.g. --pin dq=64,64,8,2 (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("bench.kernel_report: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
         return 2
-    rows = report(args.variant, args.length, args.samples, args.pins)
+    try:
+        extra = {kind: tuple(int(x) for x in cfg.split(",")) for kind, cfg in (p.split("=") for p in args.pin)}
+    except ValueError:
+        parser.error(f"--pin: expected KIND=BM,BN,WARPS,STAGES, got {args.pin}")
+    if any(len(cfg) != 4 for cfg in extra.values()):
+        parser.error(f"--pin: expected four numbers per kernel, got {args.pin}")
+    rows = report(args.variant, args.length, args.samples, args.pins, extra)
     print(f"{'kernel':24s} {'warps':>5s} {'regs':>5s} {'spill st/ld':>12s} {'smem KB':>8s}  waiting loads in loops")
     for r in rows:
         spill = f"{r['spill_stores']}/{r['spill_loads']}"
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(r['waiting']) or '-'}")
     if args.json:
         args.json.write_text(json.dumps(dict(variant=args.variant, length=args.length, samples=args.samples,
-                                             pins=args.pins, rows=rows), indent=1))
+                                             pins=args.pins, extra_pins=extra, rows=rows), indent=1))
     return 0
 
 

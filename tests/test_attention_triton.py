@@ -26,12 +26,13 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from recfm.errors import RecfmError  # noqa: E402
-from recfm.foundation.model.bias import event_positions, time_bucket_boundaries, time_buckets  # noqa: E402
+from recfm.foundation.model.bias import (bias_lookup, event_positions, position_buckets,  # noqa: E402
+                                        time_bucket_boundaries, time_buckets)
 from recfm.kernels.hstu_attention import hstu_attention  # noqa: E402
 from recfm.kernels.hstu_attention.triton_common import tile_ident, tile_span, time_bucket  # noqa: E402
 from recfm.kernels.hstu_attention import triton_impl, triton_launch  # noqa: E402
 from recfm.kernels.hstu_attention.triton_launch import _interpreter_index_fix, interpreting  # noqa: E402
-from recfm.foundation.model.mask import allowed  # noqa: E402
+from recfm.foundation.model.mask import allowed, sample_mask  # noqa: E402
 from recfm.kernels.hstu_attention import triton_meta  # noqa: E402
 from recfm.kernels.hstu_attention.triton_meta import chunk_extremes, visibility_codes  # noqa: E402
 
@@ -423,9 +424,46 @@ def test_position_gradient_along_diagonals(mode, layout, monkeypatch):
         monkeypatch.setattr(triton_impl, "DIAG_GRADS", True)
 
 
+@pytest.mark.parametrize("mode", ["causal", "mixed"])
+@pytest.mark.parametrize("targets", [False, True])
+def test_score_cache(mode, targets, monkeypatch):
+    # with the bias cache, the forward writes each tile's scores (alpha q k^T + bias) over the bias it read, and the
+    # dQ and dK/dV kernels read them instead of recomputing q k^T: after the forward the cache holds the reference's
+    # scores at every allowed pair (a full layer: cache rows are token rows); the gradients match the reference and
+    # the kernels that recompute them (SCORE_CACHE off)
+    q, k, v, offsets, kw = cache_case(mode, targets)
+    tabs = (table(2, 9, 53), table(2, 32, 54))
+    caches = []
+    real_cache = triton_impl._Plan.cache_bias
+
+    def spy(plan, *args):
+        real_cache(plan, *args)
+        caches.append(plan.bias_cache)
+
+    monkeypatch.setattr(triton_impl._Plan, "cache_bias", spy)
+    got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    assert_close_rel(got, forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
+    if not targets:
+        types, stamps = kw["token_type"], kw["timestamps"]
+        positions = event_positions(offsets, types, stamps, types.numel())
+        for start, end in zip(offsets.tolist(), offsets[1:].tolist()):
+            n = end - start
+            p, t = positions[start:end], stamps[start:end]
+            scores = torch.einsum("qhd,khd->hqk", q[start:end], k[start:end].repeat_interleave(2 // k.shape[1], 1))
+            scores = scores / math.sqrt(q.shape[2])
+            scores = scores + bias_lookup(tabs[0], position_buckets(p[:, None] - p[None, :], tabs[0].shape[1]))
+            scores = scores + bias_lookup(tabs[1], time_buckets(t[:, None] - t[None, :], tabs[1].shape[1], 2.0))
+            mask = sample_mask(mode, n, types[start:end], t, torch.arange(n, device=q.device)).expand_as(scores)
+            cached = caches[-1][:, start:end, :n]
+            torch.testing.assert_close(cached[mask], scores[mask], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(triton_impl, "SCORE_CACHE", False)
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
+
+
 def test_config_lists_follow_the_kernel_variant():
     # each kernel variant autotunes over the list measured for it: dK/dV reading the stored dS its own ("ds", at d
-    # 256 where one was measured), dQ storing dS with the cache's, the one-pass dQ the heavy list of the tables
+    # 256 where one was measured), dQ storing dS with the cache's, the one-pass dQ the heavy list of the tables, dQ
+    # and dK/dV reading the score cache theirs ("scores")
     tables = dict(HAS_POS=True, HAS_TIME=True, BIAS_IN=True)
     assert triton_launch.config_class("dkdv", 256, {**tables, "DS_IN": True}) == "ds"
     assert triton_launch.configs("dkdv", 256, "ds")[0].kwargs == {"BLOCK_M": 64, "BLOCK_N": 32}
@@ -434,6 +472,10 @@ def test_config_lists_follow_the_kernel_variant():
     assert triton_launch.config_class("dq", 256, {**tables, "DS_OUT": True}) == "cache"
     assert triton_launch.config_class("dq_inline", 256, {**tables, "POS_GRAD": True}) is True
     assert triton_launch.config_class("fwd", 256, dict(HAS_POS=False, HAS_TIME=False)) is False
+    # reading the score cache: dQ and dK/dV their own lists at d 256, the forward the cache's
+    for kind in ("dq", "dkdv"):
+        assert triton_launch.config_class(kind, 256, {**tables, "SCORES": True, "DS_OUT": True, "DS_IN": True}) == "scores"
+    assert triton_launch.config_class("fwd", 256, {**tables, "SCORES": True}) == "cache"
 
 
 def test_qkv_read_in_place_from_a_wider_projection():
@@ -705,11 +747,15 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["causal", "mixed"])
-def test_gpu_bf16_long_samples(mode):
+@pytest.mark.parametrize("heads, d", [(4, 128), (3, 256)])
+def test_gpu_bf16_long_samples(mode, heads, d, monkeypatch):
+    # autotuned (max_len >= TUNE_FROM_LEN) from fresh tuners, so that this call runs every trial: the trials must
+    # not change what the chosen config computes (the forward writes its scores over the bias cache it reads)
+    monkeypatch.setattr(triton_launch, "_TUNERS", {})
     lengths = [700, 1, 0, 513, 64, 1000]
-    q, k, v, offsets, types, stamps = make_batch(lengths, 4, 1, d_qk=128, d_v=128, seed=20, dtype=torch.bfloat16)
+    q, k, v, offsets, types, stamps = make_batch(lengths, heads, 1, d_qk=d, d_v=d, seed=20, dtype=torch.bfloat16)
     kw = dict(max_len=1000, token_type=types, timestamps=stamps, mask_mode=mode, normaliser="length")
-    tabs = (table(4, 257, 21), table(1, 32, 22))
+    tabs = (table(heads, 257, 21), table(1, 32, 22))
     assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw),
                      forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.bfloat16])
 

@@ -5,7 +5,8 @@ With ``s = alpha q.k + bias``, ``w = silu(s) * M / n``, ``O = w @ v``::
     dV_j = sum_i w_ij dO_i            dS_ij = (dO_i . v_j) * silu'(s_ij) * M_ij / n_i
     dK_j = alpha sum_i dS_ij q_i      dQ_i  = alpha sum_j dS_ij k_j      dTable[bucket_ij] += dS_ij
 
-``silu'`` comes from the recomputed scores (nothing but ``1/n`` of the ``keys`` normaliser is saved).
+``silu'`` comes from the scores: recomputed, or with the bias cache read from it, where the forward wrote them
+(the score cache, :data:`.triton_impl.SCORE_CACHE`); nothing else but ``1/n`` of the ``keys`` normaliser is saved.
 
 * :func:`hstu_dkdv_kernel` -- grid ``(cdiv(max_len, BLOCK_N), h_kv, B)`` (:func:`.triton_common.grid_ids`):
   one key tile of one kv head, looping over the GROUP query heads that share it and over the query tiles of
@@ -59,18 +60,22 @@ def _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, tt
                MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
                HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-               BIAS_IN: tl.constexpr, DS_IN: tl.constexpr):
+               BIAS_IN: tl.constexpr, SCORES: tl.constexpr, DS_IN: tl.constexpr):
     rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
         QTOK, TYPE, VIS, TT, POS, seq_start, q_len, start_m, HAS_QIDX, False, MASKED and MASK_MODE == 2,
         HAS_TIME and not BIAS_IN, HAS_POS and not BIAS_IN, BLOCK_M)
     q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
     do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
-    st = dot(k, tl.trans(q), None, DOT_PREC) * alpha  # [BLOCK_N, BLOCK_M]
+    if BIAS_IN and SCORES:  # the forward's scores (the score cache), read transposed: no K Q^T product
+        st = tl.trans(cached_bias(BIAS, BS, rows, row_ok, cols, col_ok))  # [BLOCK_N, BLOCK_M]
+    else:
+        st = dot(k, tl.trans(q), None, DOT_PREC) * alpha  # [BLOCK_N, BLOCK_M]
     ok = row_ok[None, :] & col_ok[:, None]
     if MASKED:
         ok = ok & allowed_tile(MASK_MODE, vis_q[None, :], vis_k[:, None], pos_q[None, :], cols[:, None])
     if BIAS_IN:  # the forward's bias of every allowed pair (the bias cache), read transposed: no bucket work
-        st += tl.trans(cached_bias(BIAS, BS, rows, row_ok, cols, col_ok))
+        if not SCORES:
+            st += tl.trans(cached_bias(BIAS, BS, rows, row_ok, cols, col_ok))
     else:
         d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
         if HAS_POS or HAS_TIME:
@@ -115,13 +120,15 @@ def hstu_dkdv_kernel(
     DSB, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-    BIAS_IN: tl.constexpr, DS_IN: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS_IN: tl.constexpr, SCORES: tl.constexpr, DS_IN: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DK ``[N, H/GROUP, D_QK]``, DV ``[N, H/GROUP, D_V]`` (input dtype); other tensors as the forward. With
     ``BIAS_IN`` the bias is read from the cache ``BIAS`` as :func:`.triton_fwd.hstu_bias_kernel` wrote it, not
-    recomputed; with ``DS_IN`` dS is read from ``DSB`` as :func:`hstu_dq_kernel` stored it (``DS_OUT``, launched
-    first), which drops the ``dO V^T`` product and the V tile: three products per tile instead of four."""
+    recomputed, and with ``SCORES`` too the cache holds the forward's scores (``alpha q k^T + bias``, written by
+    :func:`.triton_fwd.hstu_fwd_kernel`), which drops the ``K Q^T`` product and the K tile; with ``DS_IN`` dS is read
+    from ``DSB`` as :func:`hstu_dq_kernel` stored it (``DS_OUT``, launched first), which drops the ``dO V^T`` product
+    and the V tile: two products per tile (``P^T dO``, ``dS^T Q``) with both, four with neither."""
     b, kv_h, pid, n_prog = grid_ids(TILES_FIRST)
     H_KV: tl.constexpr = H // GROUP
     seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
@@ -146,7 +153,10 @@ def hstu_dkdv_kernel(
         k_start = n * BLOCK_N
         cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, k_start, MASK_MODE == 2, HAS_TIME and not BIAS_IN,
                                                    HAS_POS and not BIAS_IN, BLOCK_N)
-        k = load_rows(K, cols, col_ok, KS, D_QK, BLOCK_DQK)
+        if BIAS_IN and SCORES:  # the scores come from the cache: the K tile is not read
+            k = tl.zeros([1], dtype=tl.float32)
+        else:
+            k = load_rows(K, cols, col_ok, KS, D_QK, BLOCK_DQK)
         v = k  # placeholder: with DS_IN the V tile is not read
         if not DS_IN:
             v = load_rows(V, cols, col_ok, VS, D_V, BLOCK_DV)
@@ -172,12 +182,12 @@ def hstu_dkdv_kernel(
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
                                     ptab, ttab, TBND, QEXT, qc0, qc1, bias, BS, dsb, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
                                     NUM_TB, inv_log2_base, H, QS, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
-                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, DS_IN)
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, SCORES, DS_IN)
             for start_m in range(masked_lo, masked_hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
                                     ptab, ttab, TBND, QEXT, qc0, qc1, bias, BS, dsb, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
                                     NUM_TB, inv_log2_base, H, QS, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
-                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, DS_IN)
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, SCORES, DS_IN)
         store_rows(DK, cols, col_ok, dk * alpha, H_KV * D_QK, D_QK, BLOCK_DQK)
         store_rows(DV, cols, col_ok, dv, H_KV * D_V, D_V, BLOCK_DV)
 
@@ -188,14 +198,19 @@ def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq
              KS: tl.constexpr, VS: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, MASKED: tl.constexpr,
              MASK_MODE: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
              FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-             TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr):
+             TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, SCORES: tl.constexpr):
     """``dS`` of one key tile ``[BLOCK_M, BLOCK_N]`` fp32 (zero where the mask or the sample end excludes a
-    pair), with the key tile and its bias spans."""
+    pair), with the key tile and its bias spans. The scores are recomputed (``q k^T`` plus the bias, computed or
+    from the bias cache), or with ``BIAS_IN`` and ``SCORES`` read from the score cache (``q`` unused)."""
     cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, start_n, MASKED and MASK_MODE == 2, HAS_TIME,
                                                HAS_POS, BLOCK_N)
     k = load_rows(K, cols, col_ok, KS, D_QK, BLOCK_DQK)
     v = load_rows(V, cols, col_ok, VS, D_V, BLOCK_DV)
-    s = dot(q, tl.trans(k), None, DOT_PREC) * alpha
+    rows = start_m + tl.arange(0, do.shape[0])
+    if BIAS_IN and SCORES:  # the forward's scores (the score cache): no q k^T product, no Q tile
+        s = cached_bias(BIAS, BS, rows, row_ok, cols, col_ok)
+    else:
+        s = dot(q, tl.trans(k), None, DOT_PREC) * alpha
     d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
     if HAS_POS or HAS_TIME:
         evk_lo, evk_hi, ttk_lo, ttk_hi = tile_span(KEXT, kc0, kc1, start_n, BLOCK_N, HAS_POS, HAS_TIME)
@@ -205,8 +220,8 @@ def _ds_tile(q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq
     if TOEP:
         toep, x0 = toeplitz_args(qid, tile_ident(KEXT, kc0, kc1, start_n, BLOCK_N), start_m, start_n, P_HALF, False)
     if BIAS_IN:  # the bias cache: one 2D load (spans and buckets above serve only the table gradients)
-        rows = start_m + tl.arange(0, q.shape[0])
-        s += cached_bias(BIAS, BS, rows, row_ok, cols, col_ok)
+        if not SCORES:
+            s += cached_bias(BIAS, BS, rows, row_ok, cols, col_ok)
     else:
         s = add_bias(s, ev_q[:, None], ev_k[None, :], tt_q[:, None], tt_k[None, :], d_lo, d_hi, b_lo, b_hi, PTAB,
                      TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_LANES, toep, x0, False, TOEP)
@@ -248,7 +263,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
              HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
              TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr,
-             INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
+             INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, SCORES: tl.constexpr,
              DS_OUT: tl.constexpr, DS_IN: tl.constexpr, id_end, DIAG: tl.constexpr):
     """One key tile of :func:`_dq_program`: ``dQ += dS k`` and the table gradients of flat super-tiles
     (``BAND`` false), or only the table gradients of the other super-tiles (``BAND`` true)."""
@@ -264,7 +279,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
             q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V, VIS,
             TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS, VS,
             D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP,
-            BIAS_IN)
+            BIAS_IN, SCORES)
         pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
                                            pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base, col_ok,
                                            True, FEW_BUCKETS, POS_GRAD, TIME_GRAD, False, BLOCK_M, BLOCK_N)
@@ -278,7 +293,7 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
                 q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, K, V, VIS,
                 TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, KS,
                 VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV,
-                TB_LANES, TOEP, BIAS_IN)
+                TB_LANES, TOEP, BIAS_IN, SCORES)
             dqa = dot(ds.to(k.dtype), k, dqa, DOT_PREC)
             if DS_OUT:  # for the table-gradient kernel: the whole tile (zeros outside the mask), masked by rows only
                 rows = start_m + tl.arange(0, BLOCK_M)
@@ -323,7 +338,7 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
               BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, FEW_BUCKETS: tl.constexpr,
               POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BAND: tl.constexpr,
               SUPER: tl.constexpr, INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-              BIAS_IN: tl.constexpr, DS_OUT: tl.constexpr, DS_IN: tl.constexpr, id_end, DIAG: tl.constexpr):
+              BIAS_IN: tl.constexpr, SCORES: tl.constexpr, DS_OUT: tl.constexpr, DS_IN: tl.constexpr, id_end, DIAG: tl.constexpr):
     """:func:`_dq_step` over the key tiles of ``[lo, hi)`` (multiples of BLOCK_N). The band kernel walks the
     ``SUPER``-wide key cells instead, judges each cell's flatness once and skips the flat ones whole: per
     flat cell one span test instead of one per small tile (at L 4096 the mixed layer's band kernel went
@@ -340,7 +355,7 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
                         evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
                         TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base,
                         BIAS, BS, DSB, KS, VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
-                        BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN, id_end, DIAG)
+                        BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, SCORES, DS_OUT, DS_IN, id_end, DIAG)
     else:
         for start_n in range(lo, hi, BLOCK_N):
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
@@ -348,7 +363,7 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
                 evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT,
                 kc0, kc1, DPTAB, DTTAB, L, start_n, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS, VS, D_QK, D_V, MASKED,
                 MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN, id_end, DIAG)
+                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, SCORES, DS_OUT, DS_IN, id_end, DIAG)
     return dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb
 
 
@@ -360,7 +375,7 @@ def _dq_program(
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, BAND: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, SCORES: tl.constexpr,
     DS_OUT: tl.constexpr, DS_IN: tl.constexpr, DIAG: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -407,7 +422,10 @@ def _dq_program(
             do = q
             inv_n = q
         else:
-            q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
+            if BIAS_IN and SCORES:  # the scores come from the cache: the Q tile is not read
+                q = tl.zeros([1], dtype=tl.float32)
+            else:
+                q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
             do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
             if NORM == 0:
                 inv_n = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + 1.0 / L.to(tl.float32)
@@ -434,20 +452,20 @@ def _dq_program(
             ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB, TTAB,
             TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS, VS, D_QK, D_V, False,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN, id_end, DIAG)
+            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, SCORES, DS_OUT, DS_IN, id_end, DIAG)
         dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
             free_end, masked_end, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
             tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
             TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS, VS, D_QK, D_V, True,
             MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN, id_end, DIAG)
+            TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, SCORES, DS_OUT, DS_IN, id_end, DIAG)
         if MASK_MODE == 2:
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_range(
                 extra_lo, extra_hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q,
                 tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, start_m, sq_lo, sq_hi, sqt_lo, sqt_hi, K, V, VIS, TT, POS, PTAB,
                 TTAB, TBND, KEXT, kc0, kc1, DPTAB, DTTAB, L, alpha, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, DSB, KS, VS, D_QK, D_V,
                 True, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, DS_IN, id_end, DIAG)
+                TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, SCORES, DS_OUT, DS_IN, id_end, DIAG)
         if not BAND and not DS_IN:
             store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)
     if POS_GRAD:
@@ -467,7 +485,7 @@ def hstu_dq_kernel(
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, SCORES: tl.constexpr,
     DS_OUT: tl.constexpr, DIAG: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -482,7 +500,7 @@ def hstu_dq_kernel(
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
                 DSB, IDEND, H, GROUP,
                 D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, BIAS_IN, DS_OUT, False, False, TILES_FIRST, BLOCK_M,
+                TIME_GRAD, False, SUPER, TB_PAD, INLINE, TB_LANES, TOEP, BIAS_IN, SCORES, DS_OUT, False, False, TILES_FIRST, BLOCK_M,
                 BLOCK_N,
                 BLOCK_DQK, BLOCK_DV)
 
@@ -495,7 +513,7 @@ def hstu_band_grad_kernel(
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, FEW_BUCKETS: tl.constexpr,
     POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr, TB_PAD: tl.constexpr,
-    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
+    INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, SCORES: tl.constexpr,
     DS_OUT: tl.constexpr, DIAG: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
@@ -508,7 +526,7 @@ def hstu_band_grad_kernel(
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
                 DSB, IDEND, H, GROUP,
                 D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST, FEW_BUCKETS, POS_GRAD,
-                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, BIAS_IN, False, False, False, TILES_FIRST, BLOCK_M,
+                TIME_GRAD, True, SUPER, TB_PAD, False, TB_LANES, TOEP, BIAS_IN, SCORES, False, False, False, TILES_FIRST, BLOCK_M,
                 BLOCK_N,
                 BLOCK_DQK, BLOCK_DV)
 
@@ -521,7 +539,7 @@ def hstu_ds_grad_kernel(
     KS: tl.constexpr, VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr,
     HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
     FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, SUPER: tl.constexpr,
-    TB_PAD: tl.constexpr, INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr,
+    TB_PAD: tl.constexpr, INLINE: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr, BIAS_IN: tl.constexpr, SCORES: tl.constexpr,
     DS_OUT: tl.constexpr, DIAG: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -534,7 +552,7 @@ def hstu_ds_grad_kernel(
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
                 DSB, IDEND, H, GROUP, D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST,
-                FEW_BUCKETS, POS_GRAD, TIME_GRAD, False, SUPER, TB_PAD, True, TB_LANES, TOEP, BIAS_IN, False, True,
+                FEW_BUCKETS, POS_GRAD, TIME_GRAD, False, SUPER, TB_PAD, True, TB_LANES, TOEP, BIAS_IN, SCORES, False, True,
                 DIAG, TILES_FIRST, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV)
 
 

@@ -54,7 +54,7 @@ def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq
               MASKED: tl.constexpr, MASK_MODE: tl.constexpr, COUNT: tl.constexpr, HAS_POS: tl.constexpr,
               HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-              BIAS_IN: tl.constexpr):
+              BIAS_IN: tl.constexpr, SCORES: tl.constexpr):
     cols, col_ok, vis_k, tt_k, ev_k = key_tile(VIS, TT, POS, L, start_n, MASKED and MASK_MODE == 2,
                                                HAS_TIME and not BIAS_IN, HAS_POS and not BIAS_IN, BLOCK_N)
     k = load_rows(K, cols, col_ok, KS, D_QK, BLOCK_DQK)
@@ -69,6 +69,8 @@ def _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq
         toep, x0 = toeplitz_args(qid, tile_ident(KEXT, kc0, kc1, start_n, BLOCK_N), start_m, start_n, P_HALF, False)
     if BIAS_IN:  # the bias cache (hstu_bias_kernel): one 2D load, no spans, buckets or table reads
         s = raw * alpha + cached_bias(BIAS, BS, rows, row_ok, cols, col_ok)
+        if SCORES:  # the backward reads the scores back instead of recomputing q k^T (same tile, same mask)
+            tl.store(BIAS + rows[:, None] * BS + cols[None, :], s.to(BIAS.dtype.element_ty), mask=row_ok[:, None])
         if FAST:
             h = 0.5 * s
             a = h + h * tanh_approx(h)
@@ -104,14 +106,16 @@ def hstu_fwd_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-    BIAS_IN: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BIAS_IN: tl.constexpr, SCORES: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Q ``[N_q, H, D_QK]`` (rows grouped by sample, QOFF ``[B+1]``), K ``[N, H/GROUP, D_QK]``,
     V ``[N, H/GROUP, D_V]``, O ``[N_q, H, D_V]``; heads packed within a row, Q/K/V rows ``QS``/``KS``/``VS``
     elements apart (views of a wider projection read in place), O contiguous. LEN_KEY only keys the autotuner.
     With ``BIAS_IN`` the bias is read from ``BIAS [H, N_q, BS]`` (head stride ``BHS``; row: query row, column:
-    key position in the sample) as :func:`hstu_bias_kernel` wrote it."""
+    key position in the sample) as :func:`hstu_bias_kernel` wrote it; with ``SCORES`` too, each tile's scores
+    ``alpha q k^T + bias`` are written back over the bias they were read from (the score cache of the backward,
+    :data:`.triton_impl.SCORE_CACHE`)."""
     b, g, pid, n_prog = grid_ids(TILES_FIRST)
     COUNT: tl.constexpr = NORM == 1 and MASK_MODE == 2
     seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
@@ -150,17 +154,17 @@ def hstu_fwd_kernel(
         for start_n in range(0, free_end, BLOCK_N):
             acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, m * BLOCK_M, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
                                  start_n, alpha, BIAS, rows, row_ok, BS, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, False, MASK_MODE,
-                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN)
+                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, SCORES)
         for start_n in range(free_end, masked_end, BLOCK_N):
             acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, m * BLOCK_M, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1, L,
                                  start_n, alpha, BIAS, rows, row_ok, BS, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, True, MASK_MODE,
-                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN)
+                                 COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, SCORES)
         if MASK_MODE == 2:
             for start_n in range(extra_lo, extra_hi, BLOCK_N):
                 acc, cnt = _fwd_tile(acc, cnt, q, pos_q, vis_q, tt_q, ev_q, evq_lo, evq_hi, ttq_lo, ttq_hi, qid, m * BLOCK_M, K, V, VIS, TT, POS, PTAB, TTAB, TBND, KEXT, kc0, kc1,
                                      L, start_n, alpha, BIAS, rows, row_ok, BS, P_HALF, NUM_TB, inv_log2_base, KS, VS, D_QK, D_V, True,
                                      MASK_MODE, COUNT, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
-                                     BLOCK_DV, TB_LANES, TOEP, BIAS_IN)
+                                     BLOCK_DV, TB_LANES, TOEP, BIAS_IN, SCORES)
         if NORM == 0:
             acc = acc * (1.0 / L.to(tl.float32))
         elif NORM == 1:

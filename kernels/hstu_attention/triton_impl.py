@@ -70,6 +70,11 @@ DS_BUFFER_MAX_BYTES = 1 << 30
 # With the dS buffer, dQ runs first and the dK/dV kernel reads dS from it (DS_IN) instead of recomputing it: three
 # products per tile instead of four (docs/kernels.md); False keeps dK/dV computing dS itself (a benchmark switch)
 DKDV_READS_DS = True
+# The score cache: where the bias cache is made, the forward kernel writes each tile's scores (alpha q k^T + bias,
+# rounded to the cache's dtype) back over the bias it read, and the dQ and dK/dV kernels read them instead of
+# recomputing q k^T: with the dS buffer the backward then runs four products per pair instead of six (dQ: dO V^T and
+# dS K, no Q tile; dK/dV: P^T dO and dS^T Q, no K tile). False keeps the recomputation (a benchmark switch).
+SCORE_CACHE = True
 # With the dS buffer and a position table taking its gradient, the pairs whose key sits at its own event position
 # (every key but the targets in the batch layout) and whose offset lies inside the clamp are summed along the
 # buffer's diagonals by triton_bwd.hstu_diag_grad_kernel (skewed loads, register sums, one flush per program);
@@ -164,9 +169,11 @@ class _Plan:
 
     def kernel_meta(self, kind: str) -> dict:
         """The compile-time flags of kernel ``kind``: ``TOEP`` per :meth:`uses_toep`, ``TB_LANES`` only where
-        :data:`LANE_KINDS` has it, ``BIAS_IN`` (read the bias cache)."""
+        :data:`LANE_KINDS` has it, ``BIAS_IN`` (read the bias cache), ``SCORES`` (the score cache: the forward
+        writes its scores into the bias cache, the backward kernels read them, :data:`SCORE_CACHE`)."""
+        cache = self.bias_cache is not None
         return {**self.meta, "TOEP": self.uses_toep(kind), "TB_LANES": self.meta["TB_LANES"] and kind in LANE_KINDS,
-                "BIAS_IN": self.bias_cache is not None}
+                "BIAS_IN": cache, "SCORES": cache and SCORE_CACHE}
 
     def write_bias(self, pos_bias, time_bias) -> None:
         """Fill the bias cache (:func:`.triton_fwd.hstu_bias_kernel`), before the forward kernel reads it."""

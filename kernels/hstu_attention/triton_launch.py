@@ -3,7 +3,8 @@
 Batches with ``max_len < TUNE_FROM_LEN`` use one fixed config per kernel. Otherwise autotuning keys on
 ``LEN_KEY`` (``max_len`` rounded up to a power of two), head dims, heads, group, mask mode, flags and
 dtypes, so one GPU run picks a config per shape class. The dQ, band and table-gradient kernels' bias-gradient
-buffers are reset between trials (``reset_to_zero``) because they accumulate into them with atomics.
+buffers are reset between trials (``reset_to_zero``) because they accumulate into them with atomics, and the
+forward's bias cache is restored after each (``restore_value``) because it writes its scores over it.
 
 From ``SPLIT_FROM_LEN`` on, the table gradients are split between the dQ kernel (flat ``SUPER x SUPER``
 cells, in registers, large tiles) and the band kernel (the other cells, small tiles): both judge flatness on
@@ -36,7 +37,7 @@ TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not 
 TILES_FIRST = True  # grid (tiles, heads, samples) up to MAX_GRID_Z samples (triton_common.grid_ids)
 MAX_GRID_Z = 65535
 KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
-       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN", "DS_OUT", "DS_IN", "DIAG", "P_SLOTS"]
+       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN", "SCORES", "DS_OUT", "DS_IN", "DIAG", "P_SLOTS"]
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -89,6 +90,12 @@ _CONFIGS = {
     # dK/dV reading the stored dS (DS_IN: no V tile, three products): 64 x 32 in 4 warps took 1.33 ms per layer at
     # the medium step's shape against 1.51 for 64 x 64 in 8 warps and 1.55 for 32 x 32 (H100, docs/benchmarks.md)
     ("dkdv", 256, "ds"): [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    # dQ and dK/dV reading the forward's scores (the score cache, SCORES: no Q tile in dQ, no K tile in dK/dV), at the
+    # medium step's shape (H100, pinned): dQ 128 x 32 in 3 stages 0.69 ms per layer, 128 x 16 0.77, 128 x 32 in 2
+    # stages 0.92, 64 x 32 1.17-1.61; dK/dV 64 x 64 in 8 warps 0.92, 32 x 64 1.11, 64 x 32 in 4 warps 1.13, 32 x 32
+    # 1.27 (64 x 64 in 3 stages needs 238 KB of shared memory)
+    ("dq", 256, "scores"): [(128, 32, 8, 3), (128, 16, 8, 3), (128, 32, 8, 2), (64, 32, 8, 3)],
+    ("dkdv", 256, "scores"): [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
 }
 # the position-table gradient along the dS buffer's diagonals (no products, no head dim: one list); BLOCK_N is the
 # number of offsets per skewed tile. At the medium step's shape (H100): 32 x 32 in one warp 0.25 ms per layer,
@@ -104,16 +111,19 @@ def _dim_class(block_d: int) -> int:
 
 def configs(kind: str, block_d: int, heavy: bool | str) -> list[triton.Config]:
     """Autotuning candidates of kernel ``kind`` for head dims padded to ``block_d``; the last is the fixed
-    config of short batches. ``heavy``: a bias table on (True), none (False), ``"cache"`` or ``"ds"``
+    config of short batches. ``heavy``: a bias table on (True), none (False), ``"cache"``, ``"ds"`` or ``"scores"``
     (:func:`config_class`)."""
     return [_config(*c) for c in _CONFIGS[(kind, _dim_class(block_d), heavy)]]
 
 
 def config_class(kind: str, block_d: int, meta: dict) -> bool | str:
-    """Which list of :data:`_CONFIGS` kernel ``kind`` tunes over: dK/dV reading the stored dS (``DS_IN``) its own
+    """Which list of :data:`_CONFIGS` kernel ``kind`` tunes over: dQ and dK/dV reading the score cache (``SCORES``)
+    their own where one was measured (``"scores"``); dK/dV reading the stored dS (``DS_IN``) its own
     where one was measured (``"ds"``); with a table, the heavy one, unless it reads the bias cache and computes
     no table gradient (it then does no per-score table work): its own list where one was measured
     (``"cache"``), else the list without tables."""
+    if meta.get("SCORES") and kind in ("dq", "dkdv") and (kind, _dim_class(block_d), "scores") in _CONFIGS:
+        return "scores"
     if meta.get("DS_IN") and (kind, _dim_class(block_d), "ds") in _CONFIGS:
         return "ds"
     if kind == "diag":
@@ -132,14 +142,16 @@ def _tuned(kind: str, block_d: int, heavy: bool | str):
         bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
         reset = (["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "band", "dsgrad") else ["DPTAB"] if kind == "diag"
                  else None)
+        # the forward writes its scores over the bias cache it reads (SCORES): every trial must read the bias
+        restore = ["BIAS"] if kind == "fwd" else None
         _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY, reset_to_zero=reset,
-                                                        do_bench=bench)(_KERNELS[kind])
+                                                        restore_value=restore, do_bench=bench)(_KERNELS[kind])
     return _TUNERS[kind, block_d, heavy]
 
 
 def tuned_configs() -> dict[str, str]:
     """The autotuners' choices so far, ``"kernel/d/bias? key" -> config`` (for benchmark reports)."""
-    names = {True: "bias", False: "plain", "cache": "cache", "ds": "ds"}
+    names = {True: "bias", False: "plain", "cache": "cache", "ds": "ds", "scores": "scores"}
     return {f"{kind}/d{block_d}/{names[heavy]} {key}": str(cfg)
             for (kind, block_d, heavy), tuner in _TUNERS.items() for key, cfg in tuner.cache.items()}
 
