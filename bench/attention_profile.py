@@ -31,12 +31,14 @@ STEP_DS = dict(STEP_ONE_PASS, dq=(128, 32, 8, 2), dsgrad=(16, 32, 1, 2), diag=(3
 STEP_DS_64x32 = dict(STEP_DS, dkdv=(64, 32, 4, 2))  # with dK/dV's pick when it reads dS
 STEP_SC = STEP_DS_64x32  # the score cache's rows start from the last step's picks
 STEP_SC_BEST = dict(STEP_SC, dq=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # and its own picks (run 13)
+STEP_SPLIT_DKDV = dict(STEP_SC_BEST, dk=(64, 128, 8, 2), dv=(64, 128, 8, 2))  # dK and dV as two launches
 KINDS = ("fwd", "bias", "dq", "band", "dsgrad", "diag", "dkdv")
 KERNEL_NAMES = {"band": "hstu_band_grad_kernel", "dsgrad": "hstu_ds_grad_kernel", "diag": "hstu_diag_grad_kernel"}  # others: hstu_{kind}_kernel
 ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band[, options])
     # options: {"frozen": True} the tables take no gradient; {"ds_buffer": False} no dS buffer (one dQ pass);
     # {"dkdv_ds": False} with the buffer, dK/dV recomputes dS instead of reading it; {"diag": False} every pair's
-    # position gradient in dsgrad; {"scores": False} the backward recomputes q k^T (no score cache)
+    # position gradient in dsgrad; {"scores": False} the backward recomputes q k^T (no score cache);
+    # {"dkdv_split": False} dK and dV in one launch
     ("no tables, light blocks", "mixed-nobias", LIGHT, True),
     ("position table", "mixed-pos", HEAVY, True),
     ("time table", "mixed-time", HEAVY, True),
@@ -119,24 +121,45 @@ ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split bet
     ("step d256: both tables, fwd 64x32 8 warps", "medium", dict(STEP_DS_64x32, fwd=(64, 32, 8, 3)), False),
     # the score cache (triton_impl.SCORE_CACHE): the backward reads the forward's scores instead of q k^T
     ("step d256: both tables, recomputed scores", "medium", STEP_SC, False, {"scores": False}),
-    ("step d256: both tables, score cache", "medium", STEP_SC, False),
-    ("step d256: score cache, dq 128x32 3 stages", "medium", dict(STEP_SC, dq=(128, 32, 8, 3)), False),
-    ("step d256: score cache, its picks", "medium", STEP_SC_BEST, False),
+    ("step d256: both tables, score cache", "medium", STEP_SC, False, {"dkdv_split": False}),
+    ("step d256: score cache, dq 128x32 3 stages", "medium", dict(STEP_SC, dq=(128, 32, 8, 3)),
+     False, {"dkdv_split": False}),
+    ("step d256: score cache, its picks", "medium", STEP_SC_BEST, False, {"dkdv_split": False}),
+    # dK and dV as two launches of the dK/dV kernel (triton_impl.DKDV_SPLIT), one accumulator each (dkdv: both)
+    ("step d256: score cache, dk/dv 64x128", "medium", STEP_SPLIT_DKDV, False),
+    ("step d256: score cache, dk/dv 32x128", "medium", dict(STEP_SPLIT_DKDV, dk=(32, 128, 8, 2), dv=(32, 128, 8, 2)),
+     False),
+    ("step d256: score cache, dk/dv 64x64", "medium", dict(STEP_SPLIT_DKDV, dk=(64, 64, 8, 2), dv=(64, 64, 8, 2)),
+     False),
+    ("step d256: score cache, dk/dv 64x64 4 warps", "medium",
+     dict(STEP_SPLIT_DKDV, dk=(64, 64, 4, 2), dv=(64, 64, 4, 2)), False),
+    ("step d256: score cache, dk/dv 64x128 3 stages", "medium",
+     dict(STEP_SPLIT_DKDV, dk=(64, 128, 8, 3), dv=(64, 128, 8, 3)), False),
+    ("step d256: score cache, dk/dv 128x64", "medium", dict(STEP_SPLIT_DKDV, dk=(128, 64, 8, 2), dv=(128, 64, 8, 2)),
+     False),
     ("step d256: no tables, score cache", "medium-nobias", STEP_SC_BEST, False),
-    ("step d256: score cache, dq 64x32 8 warps", "medium", dict(STEP_SC, dq=(64, 32, 8, 2)), False),
-    ("step d256: score cache, dq 64x32 8 warps 3 stages", "medium", dict(STEP_SC, dq=(64, 32, 8, 3)), False),
-    ("step d256: score cache, dq 128x16 3 stages", "medium", dict(STEP_SC, dq=(128, 16, 8, 3)), False),
-    ("step d256: score cache, dq 64x64", "medium", dict(STEP_SC, dq=(64, 64, 8, 2)), False),
-    ("step d256: score cache, dkdv 32x64", "medium", dict(STEP_SC, dkdv=(32, 64, 8, 2)), False),
-    ("step d256: score cache, dkdv 32x64 3 stages", "medium", dict(STEP_SC, dkdv=(32, 64, 8, 3)), False),
-    ("step d256: score cache, dkdv 64x64", "medium", dict(STEP_SC, dkdv=(64, 64, 8, 2)), False),
-    ("step d256: score cache, dkdv 64x64 3 stages", "medium", dict(STEP_SC, dkdv=(64, 64, 8, 3)), False),
-    ("step d256: score cache, dkdv 32x32", "medium", dict(STEP_SC, dkdv=(32, 32, 4, 2)), False),
-    ("step d256: score cache, fwd 64x32 8 warps", "medium", dict(STEP_SC, fwd=(64, 32, 8, 3)), False),
-    ("step d256: score cache, fwd 128x32 2 stages", "medium", dict(STEP_SC, fwd=(128, 32, 8, 2)), False),
-    ("step d256: score cache, fwd 128x64", "medium", dict(STEP_SC, fwd=(128, 64, 8, 2)), False),
-    ("step d256: score cache, fwd 64x64", "medium", dict(STEP_SC, fwd=(64, 64, 8, 2)), False),
-    ("step d256: score cache, fwd 64x32 4 warps", "medium", dict(STEP_SC, fwd=(64, 32, 4, 3)), False),
+    ("step d256: score cache, dq 64x32 8 warps", "medium", dict(STEP_SC, dq=(64, 32, 8, 2)),
+     False, {"dkdv_split": False}),
+    ("step d256: score cache, dq 64x32 8 warps 3 stages", "medium", dict(STEP_SC, dq=(64, 32, 8, 3)),
+     False, {"dkdv_split": False}),
+    ("step d256: score cache, dq 128x16 3 stages", "medium", dict(STEP_SC, dq=(128, 16, 8, 3)),
+     False, {"dkdv_split": False}),
+    ("step d256: score cache, dq 64x64", "medium", dict(STEP_SC, dq=(64, 64, 8, 2)), False, {"dkdv_split": False}),
+    ("step d256: score cache, dkdv 32x64", "medium", dict(STEP_SC, dkdv=(32, 64, 8, 2)), False, {"dkdv_split": False}),
+    ("step d256: score cache, dkdv 32x64 3 stages", "medium", dict(STEP_SC, dkdv=(32, 64, 8, 3)),
+     False, {"dkdv_split": False}),
+    ("step d256: score cache, dkdv 64x64", "medium", dict(STEP_SC, dkdv=(64, 64, 8, 2)), False, {"dkdv_split": False}),
+    ("step d256: score cache, dkdv 64x64 3 stages", "medium", dict(STEP_SC, dkdv=(64, 64, 8, 3)),
+     False, {"dkdv_split": False}),
+    ("step d256: score cache, dkdv 32x32", "medium", dict(STEP_SC, dkdv=(32, 32, 4, 2)), False, {"dkdv_split": False}),
+    ("step d256: score cache, fwd 64x32 8 warps", "medium", dict(STEP_SC, fwd=(64, 32, 8, 3)),
+     False, {"dkdv_split": False}),
+    ("step d256: score cache, fwd 128x32 2 stages", "medium", dict(STEP_SC, fwd=(128, 32, 8, 2)),
+     False, {"dkdv_split": False}),
+    ("step d256: score cache, fwd 128x64", "medium", dict(STEP_SC, fwd=(128, 64, 8, 2)), False, {"dkdv_split": False}),
+    ("step d256: score cache, fwd 64x64", "medium", dict(STEP_SC, fwd=(64, 64, 8, 2)), False, {"dkdv_split": False}),
+    ("step d256: score cache, fwd 64x32 4 warps", "medium", dict(STEP_SC, fwd=(64, 32, 4, 3)),
+     False, {"dkdv_split": False}),
     ("step d256: position table, diag", "medium-pos", STEP_DS_64x32, False),
     ("step d256: time table, diag", "medium-time", STEP_DS_64x32, False),
 ]
@@ -228,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             triton_impl.DIAG_GRADS = opts.get("diag", True)
         if hasattr(triton_impl, "SCORE_CACHE"):
             triton_impl.SCORE_CACHE = opts.get("scores", True)
+        if hasattr(triton_impl, "DKDV_SPLIT"):
+            triton_impl.DKDV_SPLIT = opts.get("dkdv_split", True)
         try:
             kernels = profile_row(variant, pins, args.steps, args.length, args.tokens, opts.get("frozen", False))
             check = check_row(variant, pins)
@@ -237,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append(dict(row=label, variant=variant, pinned=pins, split=split, frozen=opts.get("frozen", False),
                          ds_buffer=opts.get("ds_buffer", True), dkdv_ds=opts.get("dkdv_ds", True),
-                         diag=opts.get("diag", True), scores=opts.get("scores", True), kernels_ms=kernels,
-                         check=check))
+                         diag=opts.get("diag", True), scores=opts.get("scores", True),
+                         dkdv_split=opts.get("dkdv_split", True), kernels_ms=kernels, check=check))
         ms = [kernels.get(KERNEL_NAMES.get(kind, f"hstu_{kind}_kernel"), 0.0) for kind in KINDS]
         total = sum(kernels.values())
         print(f"{label:32s} " + " ".join(f"{t:8.3f}" for t in ms) + f" {total:8.3f} {check:8.1e}", flush=True)

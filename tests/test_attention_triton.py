@@ -336,12 +336,13 @@ def test_bias_cache(mode, targets, monkeypatch):
 @pytest.mark.parametrize("targets", [False, True])
 def test_table_gradients_from_stored_ds(mode, targets, monkeypatch):
     # with the bias cache, the dQ kernel runs first, stores dS (DS_OUT) and computes no table gradient; the dK/dV
-    # kernel (DS_IN) and the table-gradient kernels read it back: the launches are dq (storing), dkdv (reading),
-    # dsgrad, diag (the position table along diagonals); the result is the one-pass dQ's (and the reference's), and
-    # dK/dV recomputing dS or dsgrad adding every pair's position gradient (DIAG_GRADS off) give it too; the
-    # gradients really come from the buffer (corrupting it before dsgrad changes both table gradients and nothing
-    # else, before diag the position table's only, before dkdv dK and the tables' and nothing else); over
-    # DS_BUFFER_MAX_BYTES the one pass runs instead
+    # kernel (DS_IN) and the table-gradient kernels read it back: the launches are dq (storing), dk (reading) and dv
+    # (the dK/dV kernel's two halves with the score cache), dsgrad, diag (the position table along diagonals); the
+    # result is the one-pass dQ's (and the reference's), and one dK/dV launch (DKDV_SPLIT off), dK/dV recomputing dS
+    # or dsgrad adding every pair's position gradient (DIAG_GRADS off) give it too; the gradients really come from
+    # the buffer (corrupting it before dsgrad changes both table gradients and nothing else, before diag the
+    # position table's only, before dk dK and the tables' and nothing else); over DS_BUFFER_MAX_BYTES the one pass
+    # runs instead
     q, k, v, offsets, kw = cache_case(mode, targets)
     tabs = (table(2, 9, 51), table(2, 32, 52))
     real_launch = triton_impl.launch
@@ -353,13 +354,18 @@ def test_table_gradients_from_stored_ds(mode, targets, monkeypatch):
 
     monkeypatch.setattr(triton_impl, "launch", spy)
     got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
-    assert launches == [("fwd", False, False), ("dq", True, False), ("dkdv", False, True), ("dsgrad", False, False),
-                        ("diag", False, False)]
+    assert launches == [("fwd", False, False), ("dq", True, False), ("dk", False, True), ("dv", False, True),
+                        ("dsgrad", False, False), ("diag", False, False)]
     assert_close_rel(got, forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
+    monkeypatch.setattr(triton_impl, "DKDV_SPLIT", False)
+    launches.clear()
+    assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
+    assert [kind for kind, *_ in launches] == ["fwd", "dq", "dkdv", "dsgrad", "diag"]
+    monkeypatch.setattr(triton_impl, "DKDV_SPLIT", True)
     monkeypatch.setattr(triton_impl, "DIAG_GRADS", False)
     launches.clear()
     assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
-    assert [kind for kind, *_ in launches] == ["fwd", "dq", "dkdv", "dsgrad"]
+    assert [kind for kind, *_ in launches] == ["fwd", "dq", "dk", "dv", "dsgrad"]
     monkeypatch.setattr(triton_impl, "DIAG_GRADS", True)
     monkeypatch.setattr(triton_impl, "DKDV_READS_DS", False)
     launches.clear()
@@ -379,7 +385,7 @@ def test_table_gradients_from_stored_ds(mode, targets, monkeypatch):
     assert [kind for kind, *_ in launches] == ["fwd", "dkdv", "dq_inline"]
     monkeypatch.setattr(triton_impl, "DS_BUFFER_MAX_BYTES", 2 << 30)
 
-    for reader, changed in (("dsgrad", (4, 5)), ("diag", (4,)), ("dkdv", (2, 4, 5))):
+    for reader, changed in (("dsgrad", (4, 5)), ("diag", (4,)), ("dk", (2, 4, 5))):
         def corrupting(kind, *args):
             if kind == reader:  # the dS buffer (kernel argument DSB), just before the reader
                 (args[3][0] if kind == "diag" else args[3][-2] if kind == "dsgrad" else args[3][-1]).add_(1.0)
@@ -457,7 +463,11 @@ def test_score_cache(mode, targets, monkeypatch):
             cached = caches[-1][:, start:end, :n]
             torch.testing.assert_close(cached[mask], scores[mask], rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(triton_impl, "SCORE_CACHE", False)
+    kinds = []
+    real_launch = triton_impl.launch
+    monkeypatch.setattr(triton_impl, "launch", lambda kind, *a: (kinds.append(kind), real_launch(kind, *a)))
     assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
+    assert "dkdv" in kinds and "dk" not in kinds  # dK and dV in one launch without the scores
 
 
 def test_config_lists_follow_the_kernel_variant():

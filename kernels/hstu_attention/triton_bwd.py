@@ -60,56 +60,66 @@ def _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, tt
                MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
                HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-               BIAS_IN: tl.constexpr, SCORES: tl.constexpr, DS_IN: tl.constexpr):
+               BIAS_IN: tl.constexpr, SCORES: tl.constexpr, DS_IN: tl.constexpr, PART: tl.constexpr):
+    # PART 0: dK and dV; 1: dK only (dS^T Q from the dS buffer); 2: dV only (P^T dO from the score cache)
     rows, row_ok, pos_q, type_q, vis_q, tt_q, ev_q = query_tile(
         QTOK, TYPE, VIS, TT, POS, seq_start, q_len, start_m, HAS_QIDX, False, MASKED and MASK_MODE == 2,
         HAS_TIME and not BIAS_IN, HAS_POS and not BIAS_IN, BLOCK_M)
-    q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
-    do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
-    if BIAS_IN and SCORES:  # the forward's scores (the score cache), read transposed: no K Q^T product
-        st = tl.trans(cached_bias(BIAS, BS, rows, row_ok, cols, col_ok))  # [BLOCK_N, BLOCK_M]
+    if PART == 2:  # P^T dO only: the scores come from the cache
+        q = tl.zeros([1], dtype=tl.float32)
     else:
-        st = dot(k, tl.trans(q), None, DOT_PREC) * alpha  # [BLOCK_N, BLOCK_M]
+        q = load_rows(Q, rows, row_ok, QS, D_QK, BLOCK_DQK)
+    if PART == 1:  # dS^T Q only: dS comes from the buffer
+        do = q
+    else:
+        do = load_rows(DO, rows, row_ok, H * D_V, D_V, BLOCK_DV)
     ok = row_ok[None, :] & col_ok[:, None]
     if MASKED:
         ok = ok & allowed_tile(MASK_MODE, vis_q[None, :], vis_k[:, None], pos_q[None, :], cols[:, None])
-    if BIAS_IN:  # the forward's bias of every allowed pair (the bias cache), read transposed: no bucket work
-        if not SCORES:
-            st += tl.trans(cached_bias(BIAS, BS, rows, row_ok, cols, col_ok))
-    else:
-        d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
-        if HAS_POS or HAS_TIME:
-            evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, start_m, BLOCK_M, HAS_POS, HAS_TIME)
-            d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi, TBND,
-                                                NUM_TB, inv_log2_base, HAS_TIME)
-        toep, x0 = False, 0
-        if TOEP:
-            toep, x0 = toeplitz_args(tile_ident(QEXT, qc0, qc1, start_m, BLOCK_M), kid, start_m, k_start, P_HALF,
-                                     True)
-        st = add_bias(st, ev_q[None, :], ev_k[:, None], tt_q[None, :], tt_k[:, None], d_lo, d_hi, b_lo, b_hi, PTAB,
-                      TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_LANES, toep, x0, True, TOEP)
-    at, dat = silu_parts(st, FAST)
-    if NORM == 0:
-        at = at * (1.0 / L.to(tl.float32))
-        dat = dat * (1.0 / L.to(tl.float32))
-    elif NORM == 1:
-        inv_n = tl.load(INVN + rows, mask=row_ok, other=0.0)
-        at = at * inv_n[None, :]
-        dat = dat * inv_n[None, :]
-    else:
-        at = at * norm_const
-        dat = dat * norm_const
-    if MASKED:
-        at = tl.where(ok, at, 0.0)
-        dat = tl.where(ok, dat, 0.0)
-    dv = dot(at.to(do.dtype), do, dv, DOT_PREC)
-    if DS_IN:  # dS as the dQ kernel stored it: no dO.V product; pairs outside the mask may hold anything
-        ds = tl.load(DSB + rows[:, None] * BS + cols[None, :], mask=row_ok[:, None], other=0.0)
-        dst = tl.where(ok, tl.trans(ds), 0.0).to(q.dtype)
-    else:
-        dpt = dot(v, tl.trans(do), None, DOT_PREC)  # [BLOCK_N, BLOCK_M]
-        dst = (dpt * dat).to(q.dtype)
-    dk = dot(dst, q, dk, DOT_PREC)
+    if PART != 1:  # the scores and their SiLU: for P (dV) and, without DS_IN, for dS
+        if BIAS_IN and SCORES:  # the forward's scores (the score cache), read transposed: no K Q^T product
+            st = tl.trans(cached_bias(BIAS, BS, rows, row_ok, cols, col_ok))  # [BLOCK_N, BLOCK_M]
+        else:
+            st = dot(k, tl.trans(q), None, DOT_PREC) * alpha  # [BLOCK_N, BLOCK_M]
+        if BIAS_IN:  # the forward's bias of every allowed pair (the bias cache), read transposed: no bucket work
+            if not SCORES:
+                st += tl.trans(cached_bias(BIAS, BS, rows, row_ok, cols, col_ok))
+        else:
+            d_lo, d_hi, b_lo, b_hi = 0, 0, 0, 0
+            if HAS_POS or HAS_TIME:
+                evq_lo, evq_hi, ttq_lo, ttq_hi = tile_span(QEXT, qc0, qc1, start_m, BLOCK_M, HAS_POS, HAS_TIME)
+                d_lo, d_hi, b_lo, b_hi = bias_spans(evq_lo, evq_hi, ttq_lo, ttq_hi, evk_lo, evk_hi, ttk_lo, ttk_hi,
+                                                    TBND, NUM_TB, inv_log2_base, HAS_TIME)
+            toep, x0 = False, 0
+            if TOEP:
+                toep, x0 = toeplitz_args(tile_ident(QEXT, qc0, qc1, start_m, BLOCK_M), kid, start_m, k_start, P_HALF,
+                                         True)
+            st = add_bias(st, ev_q[None, :], ev_k[:, None], tt_q[None, :], tt_k[:, None], d_lo, d_hi, b_lo, b_hi,
+                          PTAB, TTAB, TBND, P_HALF, NUM_TB, inv_log2_base, HAS_POS, HAS_TIME, TB_LANES, toep, x0, True,
+                          TOEP)
+        at, dat = silu_parts(st, FAST)
+        if NORM == 0:
+            at = at * (1.0 / L.to(tl.float32))
+            dat = dat * (1.0 / L.to(tl.float32))
+        elif NORM == 1:
+            inv_n = tl.load(INVN + rows, mask=row_ok, other=0.0)
+            at = at * inv_n[None, :]
+            dat = dat * inv_n[None, :]
+        else:
+            at = at * norm_const
+            dat = dat * norm_const
+        if MASKED:
+            at = tl.where(ok, at, 0.0)
+            dat = tl.where(ok, dat, 0.0)
+        dv = dot(at.to(do.dtype), do, dv, DOT_PREC)
+    if PART != 2:
+        if DS_IN:  # dS as the dQ kernel stored it: no dO.V product; pairs outside the mask may hold anything
+            ds = tl.load(DSB + rows[:, None] * BS + cols[None, :], mask=row_ok[:, None], other=0.0)
+            dst = tl.where(ok, tl.trans(ds), 0.0).to(q.dtype)
+        else:
+            dpt = dot(v, tl.trans(do), None, DOT_PREC)  # [BLOCK_N, BLOCK_M]
+            dst = (dpt * dat).to(q.dtype)
+        dk = dot(dst, q, dk, DOT_PREC)
     return dk, dv
 
 
@@ -120,15 +130,17 @@ def hstu_dkdv_kernel(
     DSB, H: tl.constexpr, GROUP: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, QS: tl.constexpr, KS: tl.constexpr,
     VS: tl.constexpr, MASK_MODE: tl.constexpr, NORM: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TIME: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr, TB_LANES: tl.constexpr, TOEP: tl.constexpr,
-    BIAS_IN: tl.constexpr, SCORES: tl.constexpr, DS_IN: tl.constexpr, TILES_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BIAS_IN: tl.constexpr, SCORES: tl.constexpr, DS_IN: tl.constexpr, PART: tl.constexpr, TILES_FIRST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DK ``[N, H/GROUP, D_QK]``, DV ``[N, H/GROUP, D_V]`` (input dtype); other tensors as the forward. With
     ``BIAS_IN`` the bias is read from the cache ``BIAS`` as :func:`.triton_fwd.hstu_bias_kernel` wrote it, not
     recomputed, and with ``SCORES`` too the cache holds the forward's scores (``alpha q k^T + bias``, written by
     :func:`.triton_fwd.hstu_fwd_kernel`), which drops the ``K Q^T`` product and the K tile; with ``DS_IN`` dS is read
     from ``DSB`` as :func:`hstu_dq_kernel` stored it (``DS_OUT``, launched first), which drops the ``dO V^T`` product
-    and the V tile: two products per tile (``P^T dO``, ``dS^T Q``) with both, four with neither."""
+    and the V tile: two products per tile (``P^T dO``, ``dS^T Q``) with both, four with neither. With both, ``PART``
+    1 computes and writes dK only (``dS^T Q``: no scores, no dO) and ``PART`` 2 dV only (``P^T dO``: no Q, no dS), each
+    program holding one accumulator instead of two (:data:`.triton_impl.DKDV_SPLIT`); ``PART`` 0 does both."""
     b, kv_h, pid, n_prog = grid_ids(TILES_FIRST)
     H_KV: tl.constexpr = H // GROUP
     seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
@@ -168,8 +180,14 @@ def hstu_dkdv_kernel(
             kid = tile_ident(KEXT, kc0, kc1, k_start, BLOCK_N)
         free_lo, free_hi, masked_lo, masked_hi = query_ranges(MASK_MODE, HAS_QIDX, k_start, q_len, STATS, b,
                                                               BLOCK_M, BLOCK_N)
-        dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+        if PART == 2:
+            dk = tl.zeros([1, 1], dtype=tl.float32)
+        else:
+            dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+        if PART == 1:
+            dv = tl.zeros([1, 1], dtype=tl.float32)
+        else:
+            dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         for r in range(GROUP):
             g = kv_h * GROUP + r
             q_g = Q + g * D_QK
@@ -182,14 +200,16 @@ def hstu_dkdv_kernel(
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
                                     ptab, ttab, TBND, QEXT, qc0, qc1, bias, BS, dsb, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
                                     NUM_TB, inv_log2_base, H, QS, D_QK, D_V, False, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
-                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, SCORES, DS_IN)
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, SCORES, DS_IN, PART)
             for start_m in range(masked_lo, masked_hi, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, cols, col_ok, vis_k, tt_k, ev_k, evk_lo, evk_hi, ttk_lo, ttk_hi, kid, k_start, q_g, do_g, INVN, QTOK, TYPE, VIS, TT, POS,
                                     ptab, ttab, TBND, QEXT, qc0, qc1, bias, BS, dsb, seq_start, q_len, L, start_m, alpha, norm_const, P_HALF,
                                     NUM_TB, inv_log2_base, H, QS, D_QK, D_V, True, MASK_MODE, NORM, HAS_QIDX, HAS_POS,
-                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, SCORES, DS_IN)
-        store_rows(DK, cols, col_ok, dk * alpha, H_KV * D_QK, D_QK, BLOCK_DQK)
-        store_rows(DV, cols, col_ok, dv, H_KV * D_V, D_V, BLOCK_DV)
+                                    HAS_TIME, DOT_PREC, FAST, BLOCK_M, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP, BIAS_IN, SCORES, DS_IN, PART)
+        if PART != 2:
+            store_rows(DK, cols, col_ok, dk * alpha, H_KV * D_QK, D_QK, BLOCK_DQK)
+        if PART != 1:
+            store_rows(DV, cols, col_ok, dv, H_KV * D_V, D_V, BLOCK_DV)
 
 
 @triton.jit

@@ -75,6 +75,10 @@ DKDV_READS_DS = True
 # recomputing q k^T: with the dS buffer the backward then runs four products per pair instead of six (dQ: dO V^T and
 # dS K, no Q tile; dK/dV: P^T dO and dS^T Q, no K tile). False keeps the recomputation (a benchmark switch).
 SCORE_CACHE = True
+# With both the score cache and dK/dV reading the dS buffer, dK and dV are two launches of the dK/dV kernel ("dk":
+# dS^T Q, "dv": P^T dO; triton_bwd PART): each program holds one fp32 accumulator instead of two, so a key tile can
+# be twice as wide (at d 256 the pair of [BLOCK_N, 256] accumulators is what limits it). False: one launch.
+DKDV_SPLIT = True
 # With the dS buffer and a position table taking its gradient, the pairs whose key sits at its own event position
 # (every key but the targets in the batch layout) and whose offset lies inside the clamp are summed along the
 # buffer's diagonals by triton_bwd.hstu_diag_grad_kernel (skewed loads, register sums, one flush per program);
@@ -294,10 +298,11 @@ class _HSTUAttention(torch.autograd.Function):
             dkdv_reads_ds = dsb is not None and DKDV_READS_DS
 
             def dkdv() -> None:
-                launch("dkdv", plan.max_len, plan.num_samples, plan.num_heads // plan.group,
-                       (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv"), *plan.bias_args(),
-                        dsb if dkdv_reads_ds else plan.dummy_f),
-                       {**plan.kernel_meta("dkdv"), "DS_IN": dkdv_reads_ds})
+                meta = {**plan.kernel_meta("dkdv"), "DS_IN": dkdv_reads_ds}
+                args = (q_sorted, k, v, do, dk, dv, *plan.tail(invn, pos_bias, time_bias, "dkdv"), *plan.bias_args(),
+                        dsb if dkdv_reads_ds else plan.dummy_f)
+                for kind in ("dk", "dv") if DKDV_SPLIT and dkdv_reads_ds and meta["SCORES"] else ("dkdv",):
+                    launch(kind, plan.max_len, plan.num_samples, plan.num_heads // plan.group, args, meta)
 
             if not dkdv_reads_ds:
                 dkdv()

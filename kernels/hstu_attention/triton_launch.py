@@ -2,9 +2,10 @@
 
 Batches with ``max_len < TUNE_FROM_LEN`` use one fixed config per kernel. Otherwise autotuning keys on
 ``LEN_KEY`` (``max_len`` rounded up to a power of two), head dims, heads, group, mask mode, flags and
-dtypes, so one GPU run picks a config per shape class. The dQ, band and table-gradient kernels' bias-gradient
-buffers are reset between trials (``reset_to_zero``) because they accumulate into them with atomics, and the
-forward's bias cache is restored after each (``restore_value``) because it writes its scores over it.
+dtypes, so one GPU run picks a config per shape class. What a kernel changes in place is restored after each
+trial (``restore_value``): the dQ, band and table-gradient kernels' bias-gradient buffers, which they add to with
+atomics on top of the sums of the kernels launched before them, and the forward's bias cache, which it overwrites
+with its scores.
 
 From ``SPLIT_FROM_LEN`` on, the table gradients are split between the dQ kernel (flat ``SUPER x SUPER``
 cells, in registers, large tiles) and the band kernel (the other cells, small tiles): both judge flatness on
@@ -37,7 +38,7 @@ TUNE_FROM_LEN = 512  # shorter batches run one fixed config (tuning them is not 
 TILES_FIRST = True  # grid (tiles, heads, samples) up to MAX_GRID_Z samples (triton_common.grid_ids)
 MAX_GRID_Z = 65535
 KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", "HAS_POS", "HAS_TIME", "POS_GRAD",
-       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN", "SCORES", "DS_OUT", "DS_IN", "DIAG", "P_SLOTS"]
+       "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN", "SCORES", "PART", "DS_OUT", "DS_IN", "DIAG", "P_SLOTS"]
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -102,6 +103,16 @@ _CONFIGS = {
 # 16 x 64 0.29, 32 x 64 in two warps 0.31, 32 x 64 in one 0.47, 64 x 64 in two 0.76
 _CONFIGS.update({("diag", d, True): [(32, 32, 1, 1), (16, 64, 1, 1), (32, 64, 2, 1), (16, 32, 1, 1)]
                  for d in (64, 128, 256)})
+# dK and dV as two launches (triton_impl.DKDV_SPLIT: the score cache and the dS buffer; one accumulator each):
+# (query rows, keys, warps, stages), keys up to 128 wide
+_CONFIGS.update({
+    ("dk", 64, True): [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3)],
+    ("dk", 128, True): [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3)],
+    ("dk", 256, True): [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2)],
+    ("dv", 64, True): [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3)],
+    ("dv", 128, True): [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3)],
+    ("dv", 256, True): [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2)],
+})
 DIAG_ROW_TILES = 4  # query tiles per program of the diag kernel (it flushes its register sums once per program)
 
 
@@ -126,7 +137,7 @@ def config_class(kind: str, block_d: int, meta: dict) -> bool | str:
         return "scores"
     if meta.get("DS_IN") and (kind, _dim_class(block_d), "ds") in _CONFIGS:
         return "ds"
-    if kind == "diag":
+    if kind in ("diag", "dk", "dv"):
         return True
     tables = bool(meta["HAS_POS"] or meta["HAS_TIME"])
     if tables and meta.get("BIAS_IN") and not (meta.get("POS_GRAD") or meta.get("TIME_GRAD")):
@@ -140,12 +151,13 @@ _TUNERS: dict[tuple[str, int, bool | str], object] = {}  # one autotuner per (ke
 def _tuned(kind: str, block_d: int, heavy: bool | str):
     if (kind, block_d, heavy) not in _TUNERS:
         bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
-        reset = (["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "band", "dsgrad") else ["DPTAB"] if kind == "diag"
-                 else None)
-        # the forward writes its scores over the bias cache it reads (SCORES): every trial must read the bias
-        restore = ["BIAS"] if kind == "fwd" else None
-        _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY, reset_to_zero=reset,
-                                                        restore_value=restore, do_bench=bench)(_KERNELS[kind])
+        # every trial must start from what the call's real run starts from: the table-gradient buffers hold the
+        # sums of the kernels launched before (dq before band, dsgrad before diag), the bias cache the bias (the
+        # forward writes its scores over it)
+        restore = (["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "band", "dsgrad") else ["DPTAB"] if kind == "diag"
+                   else ["BIAS"] if kind == "fwd" else None)
+        _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY, restore_value=restore,
+                                                        do_bench=bench)(_KERNELS[kind])
     return _TUNERS[kind, block_d, heavy]
 
 
@@ -163,7 +175,9 @@ def _tiles(rows: int, block: int) -> int:
 
 
 _KERNELS = {"fwd": hstu_fwd_kernel, "dq": hstu_dq_kernel, "dq_inline": hstu_dq_kernel, "dkdv": hstu_dkdv_kernel,
-            "band": hstu_band_grad_kernel, "dsgrad": hstu_ds_grad_kernel, "diag": hstu_diag_grad_kernel}
+            "dk": hstu_dkdv_kernel, "dv": hstu_dkdv_kernel, "band": hstu_band_grad_kernel,
+            "dsgrad": hstu_ds_grad_kernel, "diag": hstu_diag_grad_kernel}
+_PARTS = {"dkdv": 0, "dk": 1, "dv": 2}  # the dK/dV kernel's PART per kind
 _PINNED: dict[str, triton.Config] = {}  # set only inside pinned(): benchmarks and tuning sweeps
 _UNTUNED: list[bool] = []  # non-empty only inside untuned(): benchmarks over many shape classes
 
@@ -172,7 +186,7 @@ _UNTUNED: list[bool] = []  # non-empty only inside untuned(): benchmarks over ma
 def pinned(**configs: tuple[int, int, int, int]):
     """Run kernels with exactly the given ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` inside the block,
     bypassing the autotuner, e.g. ``with pinned(fwd=(128, 128, 8, 3)): ...`` (kinds ``fwd``, ``dq``,
-    ``dkdv``, ``band``, ``dq_inline``, ``dsgrad``, ``diag``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
+    ``dkdv``, ``dk``, ``dv``, ``band``, ``dq_inline``, ``dsgrad``, ``diag``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
     unknown = set(configs) - set(_KERNELS)
     if unknown:
         raise ValueError(f"pinned: unknown kernel kinds {sorted(unknown)}; kinds are {sorted(_KERNELS)}")
@@ -199,16 +213,17 @@ def untuned():
 
 
 def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tuple, meta: dict) -> None:
-    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dq_inline`` | ``dkdv`` | ``band`` | ``dsgrad`` | ``diag``) over
-    ``num_samples x num_heads x cdiv(grid_rows, tile)`` programs; the tile is BLOCK_M (all but dkdv; the diag
-    kernel's programs take :data:`DIAG_ROW_TILES` of them) or BLOCK_N (dkdv). Tiles on the fastest
+    """Run kernel ``kind`` (``fwd`` | ``dq`` | ``dq_inline`` | ``dkdv`` | ``dk`` | ``dv`` | ``band`` | ``dsgrad`` |
+    ``diag``) over ``num_samples x num_heads x cdiv(grid_rows, tile)`` programs; the tile is BLOCK_M (all but the
+    dK/dV kernel's kinds; the diag kernel's programs take :data:`DIAG_ROW_TILES` of them) or BLOCK_N (``dkdv``, and
+    ``dk`` / ``dv``: its dK-only and dV-only launches). Tiles on the fastest
     grid axis (:data:`TILES_FIRST`, up to :data:`MAX_GRID_Z` samples): the programs that run together are the
     tiles of one sample and head, which share its keys and values in L2; each program starts with its heaviest
     causal tile (the kernels' tile loop runs from the last)."""
-    block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    block = "BLOCK_N" if kind in _PARTS else "BLOCK_M"
     rows_per_tile = DIAG_ROW_TILES if kind == "diag" else 1  # several query tiles per diag program
-    if kind == "dkdv":
-        meta = {"DS_IN": False, **meta}
+    if kind in _PARTS:
+        meta = {"DS_IN": False, **meta, "PART": _PARTS[kind]}
     tiles_first = TILES_FIRST and num_samples <= MAX_GRID_Z
     meta = {**meta, "TILES_FIRST": tiles_first}
 
