@@ -32,6 +32,7 @@ STEP_DS_64x32 = dict(STEP_DS, dkdv=(64, 32, 4, 2))  # with dK/dV's pick when it 
 STEP_SC = STEP_DS_64x32  # the score cache's rows start from the last step's picks
 STEP_SC_BEST = dict(STEP_SC, dq=(128, 32, 8, 3), dkdv=(64, 64, 8, 2))  # and its own picks (run 13)
 STEP_SPLIT_DKDV = dict(STEP_SC_BEST, dk=(64, 128, 8, 2), dv=(64, 128, 8, 2))  # dK and dV as two launches
+STEP_13 = dict(STEP_SC_BEST, dk=(64, 128, 8, 3), dv=(64, 128, 8, 3))  # run 13's picks
 KINDS = ("fwd", "bias", "dq", "band", "dsgrad", "diag", "dkdv")
 KERNEL_NAMES = {"band": "hstu_band_grad_kernel", "dsgrad": "hstu_ds_grad_kernel", "diag": "hstu_diag_grad_kernel"}  # others: hstu_{kind}_kernel
 ROWS = [  # (label, sweep variant, pinned block sizes, table gradients split between dq and band[, options])

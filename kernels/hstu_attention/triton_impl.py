@@ -77,7 +77,8 @@ DKDV_READS_DS = True
 SCORE_CACHE = True
 # With both the score cache and dK/dV reading the dS buffer, dK and dV are two launches of the dK/dV kernel ("dk":
 # dS^T Q, "dv": P^T dO; triton_bwd PART): each program holds one fp32 accumulator instead of two, so a key tile can
-# be twice as wide (at d 256 the pair of [BLOCK_N, 256] accumulators is what limits it). False: one launch.
+# be twice as wide (at d 256 the pair of [BLOCK_N, 256] accumulators is what limits it): 0.55 against 0.92 ms per
+# layer at the medium step's shape on an H100 (docs/benchmarks.md, run 13). False: one launch.
 DKDV_SPLIT = True
 # With the dS buffer and a position table taking its gradient, the pairs whose key sits at its own event position
 # (every key but the targets in the batch layout) and whose offset lies inside the clamp are summed along the
