@@ -16,7 +16,9 @@ the outputs are left unwritten). For each compiled kernel the report reads Trito
   (2-D ones in a kernel's key loop are what the bias cache's tile was before it was masked by rows only).
 
 Block sizes: ``--pins step`` / ``step-plain`` are ``bench.attention_profile``'s ``STEP`` / ``STEP_PLAIN`` (the
-medium step's autotuned picks); ``first`` runs each kernel's first config. Needs Triton's CUDA backend (its
+medium step's autotuned picks), ``step-ds`` / ``step-13`` those of the dS buffer (run 10) and of the score cache with
+dK and dV as two launches (run 13, named ``hstu_dkdv_kernel[dK]`` / ``[dV]``); ``first`` runs each kernel's first
+config. Needs Triton's CUDA backend (its
 ``ptxas``), not a GPU, and must run without ``TRITON_INTERPRET``.
 """
 
@@ -66,8 +68,9 @@ def compile_only(target_arch: int = 90):
 
     def compile_run(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        if not warmup:
-            compiled.append((self.fn.__name__, kernel, kwargs.get("num_warps")))
+        if not warmup:  # the dK/dV kernel's dK-only and dV-only launches (PART 1, 2) are named apart
+            name = self.fn.__name__ + {1: "[dK]", 2: "[dV]"}.get(kwargs.get("PART", 0), "")
+            compiled.append((name, kernel, kwargs.get("num_warps")))
         return kernel
 
     driver.set_active(Target())
@@ -148,7 +151,7 @@ def report(variant: str, length: int, samples: int, pins: str, extra: dict | Non
     import torch
 
     from bench.attention import make_batch
-    from bench.attention_profile import STEP, STEP_DS, STEP_PLAIN, known
+    from bench.attention_profile import STEP, STEP_13, STEP_DS, STEP_PLAIN, known
     from bench.attention_sweep import VARIANTS
     from recfm.kernels.hstu_attention import hstu_attention
     from recfm.kernels.hstu_attention.triton_launch import pinned, untuned
@@ -161,7 +164,7 @@ def report(variant: str, length: int, samples: int, pins: str, extra: dict | Non
             kw.pop(f"{name}_bias", None)
     leaves = {name: kw.pop(name).detach().requires_grad_() for name in ("pos_bias", "time_bias") if name in kw}
     q, k, v = (batch[name].detach().clone().requires_grad_() for name in ("q", "k", "v"))
-    sets = {"step": STEP, "step-ds": STEP_DS, "step-plain": STEP_PLAIN}
+    sets = {"step": STEP, "step-ds": STEP_DS, "step-plain": STEP_PLAIN, "step-13": STEP_13}
     blocks = pinned(**known({**sets[pins], **(extra or {})})) if pins in sets else untuned()
     with compile_only() as compiled, blocks:
         out = hstu_attention(q, k, v, batch["offsets"], impl="triton", validate=False, **kw, **leaves)
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="medium", help="a bench.attention_sweep variant (default: medium)")
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--pins", choices=("step", "step-ds", "step-plain", "first"), default="step")
+    parser.add_argument("--pins", choices=("step", "step-ds", "step-13", "step-plain", "first"), default="step")
     parser.add_argument("--pin", action="append", default=[], metavar="KIND=BM,BN,WARPS,STAGES",
                         help="override one kernel's pinned block sizes, e.g. --pin dq=64,64,8,2 (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
