@@ -279,6 +279,21 @@ def cache_case(mode, targets):
     return q, k, v, offsets, kw
 
 
+def record_caches(monkeypatch, fill=None):
+    """The list every call appends its bias cache to (``None`` where it makes none), filled with ``fill`` first."""
+    caches = []
+    real_cache = triton_impl._Plan.cache_bias
+
+    def spy(plan, *args):
+        real_cache(plan, *args)
+        if plan.bias_cache is not None and fill is not None:
+            plan.bias_cache.fill_(fill)
+        caches.append(plan.bias_cache)
+
+    monkeypatch.setattr(triton_impl._Plan, "cache_bias", spy)
+    return caches
+
+
 @pytest.mark.parametrize("mode", ["causal", "mixed"])
 @pytest.mark.parametrize("targets", [False, True])
 def test_bias_cache(mode, targets, monkeypatch):
@@ -289,16 +304,7 @@ def test_bias_cache(mode, targets, monkeypatch):
     # a backward, beyond BIAS_CACHE_MAX_BYTES or from BIAS_CACHE_MAX_LEN on
     q, k, v, offsets, kw = cache_case(mode, targets)
     tabs = (table(2, 9, 49), table(2, 32, 50))
-    caches = []
-    real_cache = triton_impl._Plan.cache_bias
-
-    def spy(plan, *args):
-        real_cache(plan, *args)
-        if plan.bias_cache is not None:
-            plan.bias_cache.fill_(float("nan"))
-        caches.append(plan.bias_cache)
-
-    monkeypatch.setattr(triton_impl._Plan, "cache_bias", spy)
+    caches = record_caches(monkeypatch, fill=float("nan"))
     want = forward_backward("reference", q, k, v, offsets, *tabs, **kw)
     got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
     assert caches[-1] is not None and caches[-1].shape[:2] == (2, q.shape[0])
@@ -439,14 +445,7 @@ def test_score_cache(mode, targets, monkeypatch):
     # the kernels that recompute them (SCORE_CACHE off)
     q, k, v, offsets, kw = cache_case(mode, targets)
     tabs = (table(2, 9, 53), table(2, 32, 54))
-    caches = []
-    real_cache = triton_impl._Plan.cache_bias
-
-    def spy(plan, *args):
-        real_cache(plan, *args)
-        caches.append(plan.bias_cache)
-
-    monkeypatch.setattr(triton_impl._Plan, "cache_bias", spy)
+    caches = record_caches(monkeypatch)
     got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
     assert_close_rel(got, forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
     if not targets:
