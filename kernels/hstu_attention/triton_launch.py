@@ -135,31 +135,32 @@ def config_class(kind: str, block_d: int, meta: dict) -> bool | str:
     where one was measured (``"ds"``); with a table, the heavy one, unless it reads the bias cache and computes
     no table gradient (it then does no per-score table work): its own list where one was measured
     (``"cache"``), else the list without tables."""
-    if meta.get("SCORES") and kind in ("dq", "dkdv") and (kind, _dim_class(block_d), "scores") in _CONFIGS:
+    if kind in ("diag", "dk", "dv"):  # one list each per head-dim class
+        return True
+    if meta.get("SCORES") and (kind, _dim_class(block_d), "scores") in _CONFIGS:
         return "scores"
     if meta.get("DS_IN") and (kind, _dim_class(block_d), "ds") in _CONFIGS:
         return "ds"
-    if kind in ("diag", "dk", "dv"):
-        return True
     tables = bool(meta["HAS_POS"] or meta["HAS_TIME"])
     if tables and meta.get("BIAS_IN") and not (meta.get("POS_GRAD") or meta.get("TIME_GRAD")):
         return "cache" if (kind, _dim_class(block_d), "cache") in _CONFIGS else False
     return tables
 
 
+# what each kernel changes in place, restored after every tuning trial so that each starts from what the call's real
+# run starts from: the table-gradient buffers hold the sums of the kernels launched before (dq before band, dsgrad
+# before diag), the bias cache the bias (the forward writes its scores over it)
+_CHANGED_IN_PLACE = {"dq": ["DPTAB", "DTTAB"], "dq_inline": ["DPTAB", "DTTAB"], "band": ["DPTAB", "DTTAB"],
+                     "dsgrad": ["DPTAB", "DTTAB"], "diag": ["DPTAB"], "fwd": ["BIAS"]}
 _TUNERS: dict[tuple[str, int, bool | str], object] = {}  # one autotuner per (kernel, head-dim class, config_class)
 
 
 def _tuned(kind: str, block_d: int, heavy: bool | str):
     if (kind, block_d, heavy) not in _TUNERS:
         bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
-        # every trial must start from what the call's real run starts from: the table-gradient buffers hold the
-        # sums of the kernels launched before (dq before band, dsgrad before diag), the bias cache the bias (the
-        # forward writes its scores over it)
-        restore = (["DPTAB", "DTTAB"] if kind in ("dq", "dq_inline", "band", "dsgrad") else ["DPTAB"] if kind == "diag"
-                   else ["BIAS"] if kind == "fwd" else None)
-        _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY, restore_value=restore,
-                                                        do_bench=bench)(_KERNELS[kind])
+        _TUNERS[kind, block_d, heavy] = triton.autotune(configs(kind, block_d, heavy), key=KEY,
+                                                        restore_value=_CHANGED_IN_PLACE.get(kind), do_bench=bench)(
+            _KERNELS[kind])
     return _TUNERS[kind, block_d, heavy]
 
 

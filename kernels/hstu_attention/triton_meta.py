@@ -43,12 +43,17 @@ TOEP_W = 128  # columns of the Toeplitz position tables: at least every kernel b
 TOEP_MAX_HALF = 2048  # position tables up to 2 * 2048 + 1 buckets get the Toeplitz layout (2 x 4608 x 128 per head)
 
 
+def sample_rows(offsets: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(samples, local)``: each row's sample and its index in the sample (rows grouped by sample)."""
+    samples = sample_ids(offsets, num_rows)
+    return samples, torch.arange(num_rows, device=offsets.device) - offsets[samples]
+
+
 def mixed_stats(offsets: torch.Tensor, token_type: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """``[B, 3]`` int32 per sample: first non-H position (``L`` if none), 1 + last H position (0 if none),
     1 + last H/R position (0 if none)."""
     lengths = offsets[1:] - offsets[:-1]
-    samples = sample_ids(offsets, num_tokens)
-    local = torch.arange(num_tokens, device=offsets.device) - offsets[samples]
+    samples, local = sample_rows(offsets, num_tokens)
     is_h = token_type == 0
     is_event = token_type != 2
     h_prefix = lengths.clone().scatter_reduce_(0, samples, torch.where(is_h, lengths[samples], local), "amin")
@@ -62,8 +67,7 @@ def identity_prefix(offsets: torch.Tensor, positions: torch.Tensor, num_tokens: 
     """``[B]`` int32 per sample: how many of its first tokens have their index in the sample as event position
     (all of them, ``L``, when every token does: a causal sequence; the H and R tokens of the batch layout)."""
     lengths = offsets[1:] - offsets[:-1]
-    samples = sample_ids(offsets, num_tokens)
-    local = torch.arange(num_tokens, device=offsets.device) - offsets[samples]
+    samples, local = sample_rows(offsets, num_tokens)
     first_off = torch.where(positions == local, lengths[samples], local)
     return lengths.clone().scatter_reduce_(0, samples, first_off, "amin").to(torch.int32).contiguous()
 
@@ -109,8 +113,7 @@ def chunk_extremes(offsets: torch.Tensor, positions: torch.Tensor, seconds: torc
     lengths = offsets[1:] - offsets[:-1]
     first = torch.zeros(num_samples + 1, dtype=torch.int64, device=offsets.device)
     torch.cumsum((lengths + CHUNK - 1) // CHUNK, 0, out=first[1:])
-    samples = sample_ids(offsets, num_rows)
-    local = torch.arange(num_rows, device=offsets.device) - offsets[samples]
+    samples, local = sample_rows(offsets, num_rows)
     chunk = first[samples] + local // CHUNK
     size = num_rows // CHUNK + num_samples + 1
     cols = []
