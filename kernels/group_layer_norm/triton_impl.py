@@ -130,7 +130,10 @@ def _blocks(d: int) -> tuple[int, int, int]:
     return block_n, block_d, num_warps
 
 
-BWD_PROGRAMS_PER_SM = 8  # the backward's programs (each a run of tiles with its own gradient partials), per SM
+# the backward's programs (each a run of tiles with its own gradient partials), per SM: in the medium training step
+# as a CUDA graph (H100, 2026-11-24), 16 took 39.7 ms per step in four runs against 40.1 in four for 8 (4: 40.3,
+# 32: 40.0); the isolated benchmark of run 11 had preferred 8 by less than its noise (docs/benchmarks.md, run 14)
+BWD_PROGRAMS_PER_SM = 16
 
 
 def _tiles_per_program(x: torch.Tensor, n_tiles: int) -> int:
