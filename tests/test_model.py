@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -64,3 +66,28 @@ def test_registering_a_scenario_changes_no_trained_output(rows):
     with torch.no_grad():
         both = model(collate(rows, world, [*SCENARIOS, "hotel"]))
     assert set(both) <= {*SCENARIOS, "hotel"}
+
+
+def test_target_rows_of_is_per_scenario_indexing():
+    """One gather for every scenario's exposure rows gives each scenario's ``y[token_index]``, and the same
+    gradient (rows in any order, scenarios of different sizes, one without exposures)."""
+    from recfm.foundation.model.model import target_rows_of
+
+    gen = torch.Generator().manual_seed(0)
+    y0 = torch.randn(20, 4, generator=gen)
+    rows = torch.randperm(20, generator=gen)
+    targets = {name: SimpleNamespace(token_index=idx) for name, idx in
+               (("a", rows[:5]), ("b", rows[5:6]), ("c", rows[6:6]), ("d", rows[6:13]))}
+    weights = {name: torch.randn(t.token_index.numel(), 4, generator=gen) for name, t in targets.items()}
+    grads = []
+    for pick in (lambda y: target_rows_of(y, targets), lambda y: {n: y[t.token_index] for n, t in targets.items()}):
+        y = y0.clone().requires_grad_()
+        got = pick(y)
+        assert list(got) == list(targets)
+        sum((got[n] * weights[n]).sum() for n in got).backward()
+        grads.append((got, y.grad))
+    (fused, g_fused), (plain, g_plain) = grads
+    for name in targets:
+        assert torch.equal(fused[name], plain[name])
+    torch.testing.assert_close(g_fused, g_plain)
+    assert target_rows_of(y0, {}) == {}

@@ -266,8 +266,8 @@ class TokenEmbedder(nn.Module):
         if not outputs:
             return torch.zeros(batch.num_tokens, self.d_model, device=batch.offsets.device)
         h = torch.cat(outputs)
-        x = h.new_zeros(batch.num_tokens, self.d_model)
-        return x.index_copy(0, torch.cat(rows), h)
+        # in place into fresh zeros: the out-of-place index_copy would copy the zeros once more
+        return h.new_zeros(batch.num_tokens, self.d_model).index_copy_(0, torch.cat(rows), h)
 
     def _checked(self, g: TokenGroup, what: str, values: torch.Tensor, width: int, names: tuple[str, ...]) -> torch.Tensor:
         """``values`` as ``[n, width]`` float; DataError when the batch disagrees with the spec."""
