@@ -115,6 +115,32 @@ def test_out_dtype_and_strided_gate(impl):
         torch.testing.assert_close(g.to(GRAD_DTYPE), w, rtol=3e-2, atol=3e-2 * scale)
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("use", ["both", "norm only", "x only"])
+def test_pass_through_sums_the_residual_gradient(impl, use):
+    """``pass_through=True`` returns ``(GLN(x), x)``: ``x`` used on a residual path gets its gradient summed with
+    the norm's by the backward kernel, the same as autograd summing the two (and ``x`` is the input's values)."""
+    x, group, weight, bias, dy = _case(45, 24, 3, torch.float32, seed=21)
+    dres = torch.randn(x.shape, generator=torch.Generator().manual_seed(22)).to(DEVICE)
+
+    def run(fused):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+        if fused:
+            y, x_res = group_layer_norm(leaves[0], group, leaves[1], leaves[2], impl=impl, pass_through=True)
+            assert torch.equal(x_res, x)
+        else:
+            y, x_res = group_layer_norm(leaves[0], group, leaves[1], leaves[2], impl=impl), leaves[0]
+        loss = {"both": (y * dy).sum() + (x_res * dres).sum(), "norm only": (y * dy).sum(),
+                "x only": (x_res * dres).sum()}[use]
+        return torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    for got, want in zip(run(True), run(False)):
+        if want is None:
+            assert got is None or torch.all(got == 0)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_out_dtype_is_named():
     x, group, weight, bias, _ = _case(4, 8, 2, torch.float32, seed=1)
     with pytest.raises(RecfmError, match="out_dtype"):

@@ -145,12 +145,13 @@ class GroupLayerNorm(nn.Module):
         self.eps, self.impl = eps, impl
 
     def forward(self, x: torch.Tensor, group: torch.Tensor, validate: bool = True,
-                gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, pass_through: bool = False):
         """``GLN(x)``, or ``GLN(x) * gate`` (``gate [N, dim]``) fused in one kernel pass; in ``out_dtype``
-        (default ``x``'s)."""
+        (default ``x``'s). ``pass_through``: ``(GLN(x), x)``, ``x`` for a residual path whose gradient the
+        backward kernel adds to its own (:func:`recfm.kernels.group_layer_norm.group_layer_norm`)."""
         impl = resolve_impl(self.impl, x, GLN_IMPLS)
         return group_layer_norm(x, group, self.weight, self.bias, self.eps, impl=impl, validate=validate, gate=gate,
-                                out_dtype=out_dtype)
+                                out_dtype=out_dtype, pass_through=pass_through)
 
 
 class HSTULayer(nn.Module):
@@ -208,7 +209,8 @@ class HSTULayer(nn.Module):
         c = self.config
         if x.dim() != 2 or x.shape[1] != c.d_model:
             raise RecfmError(f"HSTULayer: x must be [N, d_model={c.d_model}], got {tuple(x.shape)}")
-        x_hat = self.norm_in(x, group, validate, out_dtype=autocast_dtype(x))
+        # x comes back through the norm: the residual path's gradient is summed in its backward kernel
+        x_hat, x = self.norm_in(x, group, validate, out_dtype=autocast_dtype(x), pass_through=True)
         if query_index is None:
             x_q, group_q = x, group
             v, k, u, q = self._project(x_hat, (self.proj_vk, self.proj_uq), ("v", "k", "u", "q"))

@@ -25,11 +25,12 @@ from recfm.kernels.group_layer_norm.reference import group_layer_norm_reference
 
 
 def _triton(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            eps: float, gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+            eps: float, gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+            pass_through: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lazy entry of the Triton implementation (imports Triton on first call)."""
     from recfm.kernels.group_layer_norm.triton_impl import group_layer_norm_triton
 
-    return group_layer_norm_triton(x, group, weight, bias, eps, gate, out_dtype)
+    return group_layer_norm_triton(x, group, weight, bias, eps, gate, out_dtype, pass_through)
 
 
 IMPLS = {"reference": group_layer_norm_reference, "triton": _triton}
@@ -47,7 +48,8 @@ def group_layer_norm(
     validate: bool = True,
     gate: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    pass_through: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Normalise each row of ``x`` and apply its group's affine parameters.
 
     Args:
@@ -64,8 +66,12 @@ def group_layer_norm(
             either way: under autocast a layer passes the autocast dtype, so the matmul that follows reads
             the result as it is instead of casting a float32 copy (the gradient comes back in that dtype).
 
+        pass_through: also return ``x`` itself, for a layer's residual path: its gradient then comes back to
+            this function's backward, which (Triton) adds it to its own in the same pass instead of autograd
+            summing the two full-size gradients.
+
     Returns:
-        ``[N, d]`` in ``out_dtype`` (default ``x``'s dtype).
+        ``[N, d]`` in ``out_dtype`` (default ``x``'s dtype); with ``pass_through``, ``(that, x)``.
 
     Raises:
         RecfmError: naming the argument at fault.
@@ -95,6 +101,6 @@ def group_layer_norm(
             fail(f"{name} is on {t.device} but x is on {x.device}")
     if validate and n and (int(group.min()) < 0 or int(group.max()) >= weight.shape[0]):
         fail(f"group ids must be in [0, {weight.shape[0]}), got {int(group.min())} .. {int(group.max())}")
-    if gate is None and out_dtype in (None, x.dtype):
+    if gate is None and out_dtype in (None, x.dtype) and not pass_through:
         return IMPLS[impl](x, group, weight, bias, float(eps))
-    return IMPLS[impl](x, group, weight, bias, float(eps), gate, out_dtype)
+    return IMPLS[impl](x, group, weight, bias, float(eps), gate, out_dtype, pass_through)

@@ -24,7 +24,8 @@ def group_layer_norm_reference(
     eps: float,
     gate: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    pass_through: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``x [N, d]``, ``group [N]`` int64, ``weight``/``bias [G, d]``, ``gate [N, d]`` or None -> ``[N, d]`` in
     ``out_dtype`` (default ``x``'s; inputs already validated)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -34,4 +35,5 @@ def group_layer_norm_reference(
         y = y + bias.to(dtype)[group]
     if gate is not None:
         y = y * gate.to(dtype)
-    return y.to(out_dtype or x.dtype)
+    y = y.to(out_dtype or x.dtype)
+    return (y, x) if pass_through else y

@@ -18,6 +18,10 @@ With a ``gate`` (HSTU's ``GLN(O) * U``) the forward multiplies by it before the 
 first forms ``dgate = dy * GLN(x)`` and ``dy <- dy * gate``: the normalised tensor is never written to
 memory nor kept for the backward.
 
+With ``pass_through`` the function also returns ``x`` itself (a layer's residual path): autograd then hands
+that path's gradient to this backward, which adds it to ``dx`` in the same pass instead of a separate sum of
+two full-size gradients.
+
 Program ``p`` is the only writer of ``partial[p]`` (no atomics, deterministic); a tile visits the groups
 between the least and the greatest of its rows (one for most tiles), so it costs one partial update per
 group in that range. ``partial.sum(0)`` gives the
@@ -73,9 +77,9 @@ def _gln_fwd(X, GROUP, W, B, GATE, Y, MEAN, RSTD, n_rows, d, eps, GATE_S,
 
 
 @triton.jit
-def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, n_rows, d, GATE_S,
+def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, RES, n_rows, d, GATE_S,
              N_GROUPS: tl.constexpr, TILES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+             HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < d
@@ -103,6 +107,8 @@ def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, n_
         c1 = _rowsum(xhat * wdy) / d
         c2 = _rowsum(wdy) / d
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_RES:  # x's other gradient (the residual path of pass_through), summed here instead of by autograd
+            dx += tl.load(RES + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
         dw_rows = dy * xhat
         # the groups of the tile's valid rows lie in [g_lo, g_hi]: one pass per group in that range (most
@@ -145,8 +151,9 @@ def _tiles_per_program(x: torch.Tensor, n_tiles: int) -> int:
 
 class _GroupLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, weight, bias, eps, gate, out_dtype):
+    def forward(ctx, x, group, weight, bias, eps, gate, out_dtype, pass_through):
         n, d = x.shape
+        x_in = x
         x, group, weight_c = x.contiguous(), group.contiguous(), weight.contiguous()
         bias_c = bias.contiguous() if bias is not None else None
         gate_c = _rows(gate) if gate is not None else None  # a column slice is read in place (row stride)
@@ -161,15 +168,21 @@ class _GroupLayerNorm(torch.autograd.Function):
                 BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
             )
         ctx.save_for_backward(x, group, weight_c, bias_c, gate_c, mean, rstd)
+        ctx.set_materialize_grads(False)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        if pass_through:  # x itself as a second output: its gradient comes back to this backward (module docstring)
+            return y, x_in
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dres=None):
         x, group, weight, bias, gate, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only the passed-through x was used
+            return dres, None, None, None, None, None, None, None
         n, d = x.shape
         n_groups = weight.shape[0]
         dy = dy.contiguous()
+        dres = dres.contiguous() if dres is not None else None
         dx = torch.empty_like(x)
         dgate = torch.empty(n, d, dtype=gate.dtype, device=x.device) if gate is not None else None
         block_n, block_d, warps = _blocks(d)
@@ -182,12 +195,15 @@ class _GroupLayerNorm(torch.autograd.Function):
             index_fix()  # the tile's group range bounds a loop
             _gln_bwd[(programs,)](
                 x, group, weight, _or(bias, weight), _or(gate, x), dy, mean, rstd, dx, _or(dgate, dx),
-                part_w, part_b, n, d, _stride(gate), N_GROUPS=n_groups, TILES=tiles, HAS_BIAS=bias is not None,
-                HAS_GATE=gate is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+                part_w, part_b, _or(dres, dy), n, d, _stride(gate), N_GROUPS=n_groups, TILES=tiles,
+                HAS_BIAS=bias is not None, HAS_GATE=gate is not None, HAS_RES=dres is not None, BLOCK_N=block_n,
+                BLOCK_D=block_d, num_warps=warps,
             )
         dw = part_w.sum(0).to(ctx.dtypes[0])
         db = part_b.sum(0).to(ctx.dtypes[1]) if bias is not None else None
-        return dx, None, dw, db, None, dgate, None
+        if not n and dres is not None:
+            dx = dres.to(dx.dtype)
+        return dx, None, dw, db, None, dgate, None, None
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -213,12 +229,14 @@ def group_layer_norm_triton(
     eps: float,
     gate: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    pass_through: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``x [N, d]``, ``group [N]`` int64, ``weight``/``bias [G, d]``, ``gate [N, d]`` or None -> ``[N, d]``
     in ``out_dtype`` (default ``x``'s): ``GLN(x)``, times ``gate`` when given (one kernel each way). The
-    gate may be a column slice of a wider tensor: it is read in place.
+    gate may be a column slice of a wider tensor: it is read in place. ``pass_through``: also return ``x``
+    itself, whose gradient the backward kernel then adds to its own (``HAS_RES``).
 
     Inputs already validated by :func:`recfm.kernels.group_layer_norm.group_layer_norm`. Runs on CUDA,
     or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
     """
-    return _GroupLayerNorm.apply(x, group, weight, bias, float(eps), gate, out_dtype)
+    return _GroupLayerNorm.apply(x, group, weight, bias, float(eps), gate, out_dtype, pass_through)
