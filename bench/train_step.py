@@ -45,7 +45,7 @@ from recfm.foundation.data.device import DevicePrefetcher, check_batch, target_r
 from recfm.foundation.model.backbone import Backbone
 from recfm.foundation.model.config import ModelConfig, load_model_config
 from recfm.foundation.model.hstu import resolve_impl
-from recfm.foundation.model.model import target_rows_of
+from recfm.foundation.model.rows import scatter_rows, target_rows_of
 from recfm.foundation.model.summary import summarize
 from recfm.heads.mmoe import MMoEHead, weighted_mean
 from recfm.kernels.group_layer_norm import IMPLS as GLN_IMPLS
@@ -157,10 +157,9 @@ class StepModel(nn.Module):
 
     def forward(self, batch: Batch, no_sync: bool) -> torch.Tensor:
         parts = {name: g for name, g in (*batch.events.items(), *batch.targets.items())}
-        # assembled as recfm.foundation.model.adapters.TokenAdapters does: one scatter of all groups' rows
-        h = torch.cat([self.embed[name](g.dense) for name, g in parts.items()])
-        x = h.new_zeros(batch.num_tokens, self.backbone.config.layer.d_model)
-        x = x.index_copy_(0, torch.cat([g.token_index for g in parts.values()]), h)
+        # assembled as the model's TokenEmbedder does: one scatter of all groups' rows
+        x = scatter_rows(batch.num_tokens, [g.token_index for g in parts.values()],
+                         [self.embed[name](g.dense) for name, g in parts.items()])
         y = self.backbone(x, batch.offsets, batch.token_type, batch.timestamps, batch.group, batch.max_len,
                           target_index=target_rows(batch) if no_sync else None, validate=not no_sync)
         logits = self.head(target_rows_of(y, batch.targets))

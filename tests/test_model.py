@@ -71,7 +71,7 @@ def test_registering_a_scenario_changes_no_trained_output(rows):
 def test_target_rows_of_is_per_scenario_indexing():
     """One gather for every scenario's exposure rows gives each scenario's ``y[token_index]``, and the same
     gradient (rows in any order, scenarios of different sizes, one without exposures)."""
-    from recfm.foundation.model.model import target_rows_of
+    from recfm.foundation.model.rows import target_rows_of
 
     gen = torch.Generator().manual_seed(0)
     y0 = torch.randn(20, 4, generator=gen)

@@ -36,6 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recfm.errors import ConfigError, DataError, RecfmError
 from recfm.foundation.data.batch import Batch, TokenGroup
+from recfm.foundation.model.rows import scatter_rows
 from recfm.scenarios.registry import embedding_tables
 from recfm.scenarios.spec import FeatureSpec, FeatureType, ScenarioSpec, WorldSpec
 
@@ -265,9 +266,7 @@ class TokenEmbedder(nn.Module):
             rows.append(g.token_index)
         if not outputs:
             return torch.zeros(batch.num_tokens, self.d_model, device=batch.offsets.device)
-        h = torch.cat(outputs)
-        # in place into fresh zeros: the out-of-place index_copy would copy the zeros once more
-        return h.new_zeros(batch.num_tokens, self.d_model).index_copy_(0, torch.cat(rows), h)
+        return scatter_rows(batch.num_tokens, rows, outputs)
 
     def _checked(self, g: TokenGroup, what: str, values: torch.Tensor, width: int, names: tuple[str, ...]) -> torch.Tensor:
         """``values`` as ``[n, width]`` float; DataError when the batch disagrees with the spec."""

@@ -21,19 +21,20 @@ sequences, each scenario's spec), so fine-tuning can refuse a checkpoint that do
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
 from torch import nn
 
 from recfm.errors import ConfigError, RecfmError
-from recfm.foundation.data.batch import Batch, TargetGroup
+from recfm.foundation.data.batch import Batch
 from recfm.foundation.model.adapters import TokenEmbedder
 from recfm.foundation.model.backbone import Backbone, BackboneConfig
 from recfm.foundation.model.config import ModelConfig
 from recfm.foundation.model.hstu import GroupLayerNorm
 from recfm.foundation.model.mask import MaskMode
+from recfm.foundation.model.rows import target_rows_of
 from recfm.heads.mmoe import MMoEHead, TaskLoss
 from recfm.scenarios.spec import ScenarioSpec, WorldSpec, as_dict, spec_hash
 
@@ -55,17 +56,6 @@ def backbone_fingerprint(config: BackboneConfig) -> str:
     when a scenario is registered)."""
     layer = replace(config.layer, impl="reference", dropout=0.0, num_groups=1)
     return spec_hash(as_dict(replace(config, layer=layer)))
-
-
-def target_rows_of(y: torch.Tensor, targets: Mapping[str, TargetGroup]) -> dict[str, torch.Tensor]:
-    """Each scenario's exposure rows of the encoded tokens ``y``, in its ``token_index`` order: one gather for all
-    scenarios, whose backward is one scatter into zeros (a gather per scenario costs a full-size zero tensor and a
-    full-size gradient sum per scenario)."""
-    if not targets:
-        return {}
-    rows = torch.cat([g.token_index for g in targets.values()])
-    picked = y.index_select(0, rows).split([g.token_index.numel() for g in targets.values()])
-    return dict(zip(targets, picked))
 
 
 class RecModel(nn.Module):

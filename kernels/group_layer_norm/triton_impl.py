@@ -201,8 +201,6 @@ class _GroupLayerNorm(torch.autograd.Function):
             )
         dw = part_w.sum(0).to(ctx.dtypes[0])
         db = part_b.sum(0).to(ctx.dtypes[1]) if bias is not None else None
-        if not n and dres is not None:
-            dx = dres.to(dx.dtype)
         return dx, None, dw, db, None, dgate, None, None
 
 
