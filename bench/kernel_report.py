@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--pins", choices=("step", "step-ds", "step-13", "step-plain", "first"), default="step")
-    parser.add_argument("--pin", action="append", default=[], metavar="KIND=BM,BN,WARPS,STAGES",
-                        help="override one kernel's pinned block sizes, e.g. --pin dq=64,64,8,2 (repeatable)")
+    parser.add_argument("--pin", action="append", default=[], metavar="KIND=BM,BN,WARPS,STAGES[,MAXNREG]",
+                        help="override one kernel's pinned block sizes (and register cap), e.g. --pin dq=64,64,8,2 "
+                             "(repeatable)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -188,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         extra = {kind: tuple(int(x) for x in cfg.split(",")) for kind, cfg in (p.split("=") for p in args.pin)}
     except ValueError:
-        parser.error(f"--pin: expected KIND=BM,BN,WARPS,STAGES, got {args.pin}")
-    if any(len(cfg) != 4 for cfg in extra.values()):
-        parser.error(f"--pin: expected four numbers per kernel, got {args.pin}")
+        parser.error(f"--pin: expected KIND=BM,BN,WARPS,STAGES[,MAXNREG], got {args.pin}")
+    if any(len(cfg) not in (4, 5) for cfg in extra.values()):
+        parser.error(f"--pin: expected four or five numbers per kernel, got {args.pin}")
     rows = report(args.variant, args.length, args.samples, args.pins, extra)
     print(f"{'kernel':24s} {'warps':>5s} {'regs':>5s} {'spill st/ld':>12s} {'smem KB':>8s}  waiting loads in loops")
     for r in rows:

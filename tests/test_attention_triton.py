@@ -415,7 +415,7 @@ def test_position_gradient_along_diagonals(mode, layout, monkeypatch):
     # samples and one that clamps most pairs
     q, k, v, offsets, types, stamps = make_batch(LENGTHS, 2, 1, d_qk=16, d_v=16, layout=layout, seed=61)
     positions = event_positions(offsets, types, stamps, types.numel())
-    prefix = triton_meta.identity_prefix(offsets, positions.to(torch.int32), types.numel()).cpu()
+    prefix = triton_meta.identity_prefix(offsets, positions.to(torch.int32), types.numel(), 40).cpu()
     for b, (start, end) in enumerate(zip(offsets.tolist(), offsets[1:].tolist())):
         local = positions[start:end].cpu() == torch.arange(end - start)
         want = int((~local).nonzero()[0]) if (~local).any() else end - start
@@ -590,6 +590,28 @@ def test_visibility_codes_are_the_mixed_mask(layout):
             want = allowed("mixed", ty[:, None], ty[None, :], ts[:, None], ts[None, :], pos[:, None], pos[None, :])
             got = (codes[a:b, 1][None, :] <= codes[a:b, 0][:, None]) | (pos[:, None] == pos[None, :])
             assert torch.equal(got, want), (seed, a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_segment_reduce_is_per_sample_min_max(dtype, monkeypatch):
+    # per-sample least and greatest values through the padded tile and through scatter_reduce (the fallback for a
+    # tile past PADDED_MAX_RATIO x N entries), against a loop over the samples: empty and length-1 samples, values
+    # near the dtype's limits; the metadata built from it (mixed-mask stats, identity prefixes) is that of the loop
+    lengths = [0, 17, 1, 40, 0, 5, 16]
+    offsets = torch.tensor([0] + lengths).cumsum(0).to(DEVICE)
+    n = int(offsets[-1])
+    info = torch.iinfo(dtype)
+    values = torch.randint(info.min // 2, info.max // 2, (n,), generator=torch.Generator().manual_seed(3),
+                           dtype=torch.int64).to(dtype).to(DEVICE)
+    values[3] = info.max
+    samples, local = triton_meta.sample_rows(offsets, n)
+    for ratio in (triton_meta.PADDED_MAX_RATIO, 0):
+        monkeypatch.setattr(triton_meta, "PADDED_MAX_RATIO", ratio)
+        for largest in (False, True):
+            got = triton_meta.segment_reduce(values, offsets, samples, local, 40, largest, -7).cpu()
+            want = [(values[a:b].max() if largest else values[a:b].min()).item() if b > a else -7
+                    for a, b in zip(offsets.tolist(), offsets[1:].tolist())]
+            assert got.dtype == dtype and got.tolist() == want, (ratio, largest)
 
 
 def test_metadata_memo_follows_in_place_changes():

@@ -108,7 +108,7 @@ class _Plan:
         self.d_qk, self.d_v = q.shape[2], v.shape[2]
         num_tb = time_bias.shape[1] if time_bias is not None else 0
         self.tokens = token_metadata(offsets, token_type, timestamps, query_index, mode, pos_bias is not None,
-                                     num_tb, base, num_tokens)
+                                     num_tb, base, num_tokens, max_len)
         self.order = self.tokens.order
         self.pos_shape = None if pos_bias is None else tuple(pos_bias.shape)
         self.time_shape = None if time_bias is None else tuple(time_bias.shape)

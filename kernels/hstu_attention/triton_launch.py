@@ -41,8 +41,10 @@ KEY = ["LEN_KEY", "D_QK", "D_V", "H", "GROUP", "MASK_MODE", "NORM", "HAS_QIDX", 
        "TIME_GRAD", "TB_LANES", "TOEP", "BIAS_IN", "SCORES", "PART", "DS_OUT", "DS_IN", "DIAG", "P_SLOTS"]
 
 
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+def _config(block_m: int, block_n: int, warps: int, stages: int, maxnreg: int | None = None) -> triton.Config:
+    """``maxnreg``: a cap on registers per thread (more programs resident per SM, at the risk of spills)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                         maxnreg=maxnreg)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head-dim class and "heavy" (a bias table on: more
@@ -186,8 +188,8 @@ _UNTUNED: list[bool] = []  # non-empty only inside untuned(): benchmarks over ma
 
 
 @contextlib.contextmanager
-def pinned(**configs: tuple[int, int, int, int]):
-    """Run kernels with exactly the given ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` inside the block,
+def pinned(**configs: tuple[int, ...]):
+    """Run kernels with exactly the given ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg])`` inside the block,
     bypassing the autotuner, e.g. ``with pinned(fwd=(128, 128, 8, 3)): ...`` (kinds ``fwd``, ``dq``,
     ``dkdv``, ``dk``, ``dv``, ``band``, ``dq_inline``, ``dsgrad``, ``diag``). A tuning hook for ``bench/attention_sweep.py``; ordinary calls never need it."""
     unknown = set(configs) - set(_KERNELS)
@@ -249,7 +251,8 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
         else:
             cfg = configs(kind, block_d, heavy)[-1 if grid_rows < TUNE_FROM_LEN else 0]
         _KERNELS[kind][order(_tiles(grid_rows, cfg.kwargs[block] * rows_per_tile))](
-            *args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            *args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
         return
 
     def tuned_grid(cfg):

@@ -49,27 +49,51 @@ def sample_rows(offsets: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, tor
     return samples, torch.arange(num_rows, device=offsets.device) - offsets[samples]
 
 
-def mixed_stats(offsets: torch.Tensor, token_type: torch.Tensor, num_tokens: int) -> torch.Tensor:
+PADDED_MAX_RATIO = 4  # per-sample reductions go through a padded [B, max_len] tile up to this many times N entries
+
+
+def segment_reduce(values: torch.Tensor, offsets: torch.Tensor, samples: torch.Tensor, local: torch.Tensor,
+                   max_len: int, largest: bool, empty: torch.Tensor | int) -> torch.Tensor:
+    """``[B]`` per sample the greatest (``largest``) or least of ``values`` ``[N]`` over its rows (rows grouped by
+    sample: ``samples``, ``local`` from :func:`sample_rows`), ``empty`` for a sample without rows.
+
+    One scatter into a padded ``[B, max_len]`` tile and one row reduction (``max_len`` bounds every sample's length,
+    the API's contract): ``scatter_reduce`` would make each sample's rows contend for one cell with atomics. Where
+    the tile would exceed :data:`PADDED_MAX_RATIO` times ``N`` entries (a few long samples among many short ones),
+    ``scatter_reduce`` it is. Host integers only: no sync."""
+    lengths = offsets[1:] - offsets[:-1]
+    num_samples, width = lengths.numel(), max(max_len, 1)
+    info = torch.iinfo(values.dtype)
+    fill = info.min if largest else info.max
+    if num_samples * width <= PADDED_MAX_RATIO * max(values.numel(), 1):
+        dense = values.new_full((num_samples, width), fill)
+        dense[samples, local.clamp(max=width - 1)] = values
+        out = dense.amax(1) if largest else dense.amin(1)
+    else:
+        out = values.new_full((num_samples,), fill).scatter_reduce_(0, samples, values, "amax" if largest else "amin")
+    return torch.where(lengths > 0, out, torch.as_tensor(empty, dtype=values.dtype, device=values.device))
+
+
+def mixed_stats(offsets: torch.Tensor, token_type: torch.Tensor, num_tokens: int, max_len: int) -> torch.Tensor:
     """``[B, 3]`` int32 per sample: first non-H position (``L`` if none), 1 + last H position (0 if none),
     1 + last H/R position (0 if none)."""
     lengths = offsets[1:] - offsets[:-1]
     samples, local = sample_rows(offsets, num_tokens)
     is_h = token_type == 0
     is_event = token_type != 2
-    h_prefix = lengths.clone().scatter_reduce_(0, samples, torch.where(is_h, lengths[samples], local), "amin")
-    zeros = torch.zeros_like(lengths)
-    h_end = zeros.clone().scatter_reduce_(0, samples, torch.where(is_h, local + 1, 0), "amax")
-    e_end = zeros.scatter_reduce_(0, samples, torch.where(is_event, local + 1, 0), "amax")
+    h_prefix = segment_reduce(torch.where(is_h, lengths[samples], local), offsets, samples, local, max_len, False, 0)
+    h_end = segment_reduce(torch.where(is_h, local + 1, 0), offsets, samples, local, max_len, True, 0)
+    e_end = segment_reduce(torch.where(is_event, local + 1, 0), offsets, samples, local, max_len, True, 0)
     return torch.stack([h_prefix, h_end, e_end], 1).to(torch.int32).contiguous()
 
 
-def identity_prefix(offsets: torch.Tensor, positions: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def identity_prefix(offsets: torch.Tensor, positions: torch.Tensor, num_tokens: int, max_len: int) -> torch.Tensor:
     """``[B]`` int32 per sample: how many of its first tokens have their index in the sample as event position
     (all of them, ``L``, when every token does: a causal sequence; the H and R tokens of the batch layout)."""
     lengths = offsets[1:] - offsets[:-1]
     samples, local = sample_rows(offsets, num_tokens)
     first_off = torch.where(positions == local, lengths[samples], local)
-    return lengths.clone().scatter_reduce_(0, samples, first_off, "amin").to(torch.int32).contiguous()
+    return segment_reduce(first_off, offsets, samples, local, max_len, False, 0).to(torch.int32).contiguous()
 
 
 def visibility_codes(token_type: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
@@ -94,11 +118,10 @@ def visibility_codes(token_type: torch.Tensor, timestamps: torch.Tensor) -> torc
     return torch.stack([query, key], 1).to(torch.int32).contiguous()
 
 
-def relative_seconds(offsets: torch.Tensor, timestamps: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def relative_seconds(offsets: torch.Tensor, timestamps: torch.Tensor, num_tokens: int, max_len: int) -> torch.Tensor:
     """``[N]`` int32 seconds since the sample's earliest timestamp, clamped to ``INT32_SPAN``."""
-    samples = sample_ids(offsets, num_tokens)
-    first = torch.full((offsets.numel() - 1,), torch.iinfo(torch.int64).max, dtype=torch.int64,
-                       device=offsets.device).scatter_reduce_(0, samples, timestamps, "amin")
+    samples, local = sample_rows(offsets, num_tokens)
+    first = segment_reduce(timestamps.to(torch.int64), offsets, samples, local, max_len, False, 0)
     return (timestamps - first[samples]).clamp(0, INT32_SPAN).to(torch.int32)
 
 
@@ -183,7 +206,7 @@ class TokenMeta:
     qchunks: torch.Tensor
 
 
-def _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_time_buckets, base, num_tokens):
+def _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_time_buckets, base, num_tokens, max_len):
     device = offsets.device
     i64 = torch.zeros(1, dtype=torch.int64, device=device)
     i32 = torch.zeros(1, dtype=torch.int32, device=device)
@@ -197,7 +220,7 @@ def _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_tim
     if num_time_buckets > 1:  # built on the host; a pinned, non-blocking copy does not wait for the device
         host = time_bucket_boundaries(num_time_buckets, base).clamp(max=INT32_SPAN + 1).to(torch.int32)
         bounds = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
-    seconds = relative_seconds(offsets, timestamps, num_tokens) if num_time_buckets else i32
+    seconds = relative_seconds(offsets, timestamps, num_tokens, max_len) if num_time_buckets else i32
     positions = event_positions(offsets, token_type, timestamps, num_tokens).to(torch.int32) if with_pos else i32
     kext = qext = kchunks = qchunks = i32
     if with_pos or num_time_buckets:
@@ -211,9 +234,9 @@ def _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_tim
         token_type=token_type.contiguous() if mixed else i64,
         vis=visibility_codes(token_type, timestamps) if mixed else i32,
         seconds=seconds,
-        stats=mixed_stats(offsets, token_type, num_tokens) if mixed else i32,
+        stats=mixed_stats(offsets, token_type, num_tokens, max_len) if mixed else i32,
         positions=positions,
-        idend=identity_prefix(offsets, positions, num_tokens) if with_pos else i32,
+        idend=identity_prefix(offsets, positions, num_tokens, max_len) if with_pos else i32,
         bounds=bounds, kext=kext, kchunks=kchunks, qext=qext, qchunks=qchunks,
     )
 
@@ -223,17 +246,18 @@ _LAST: list = []  # [(weak references, versions, options, TokenMeta)] of the mos
 
 def token_metadata(offsets: torch.Tensor, token_type: torch.Tensor | None, timestamps: torch.Tensor | None,
                    query_index: torch.Tensor | None, mode: MaskMode, with_pos: bool, num_time_buckets: int,
-                   base: float, num_tokens: int) -> TokenMeta:
-    """The :class:`TokenMeta` of a call (``num_time_buckets = 0``: no time bias), memoised for the last
-    call's tensors (module docstring)."""
+                   base: float, num_tokens: int, max_len: int) -> TokenMeta:
+    """The :class:`TokenMeta` of a call (``num_time_buckets = 0``: no time bias; ``max_len`` bounds every sample's
+    length), memoised for the last call's tensors (module docstring)."""
     tensors = (offsets, token_type, timestamps, query_index)
     versions = tuple(None if t is None else t._version for t in tensors)
-    options = (mode, with_pos, num_time_buckets, base, num_tokens)
+    options = (mode, with_pos, num_time_buckets, base, num_tokens, max_len)
     if _LAST:
         refs, old_versions, old_options, meta = _LAST[0]
         same = all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
         if same and old_versions == versions and old_options == options:
             return meta
-    meta = _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_time_buckets, base, num_tokens)
+    meta = _build(offsets, token_type, timestamps, query_index, mode, with_pos, num_time_buckets, base, num_tokens,
+                  max_len)
     _LAST[:] = [(tuple(None if t is None else weakref.ref(t) for t in tensors), versions, options, meta)]
     return meta
