@@ -402,8 +402,10 @@ def test_table_gradients_from_stored_ds(mode, targets, monkeypatch):
         for i in range(6):
             if i in changed:
                 assert (bad[i] - got[i]).norm() > 0.1 * got[i].norm(), (reader, i)
-            else:
+            elif DEVICE == "cpu":
                 assert torch.equal(bad[i], got[i]), (reader, i)
+            else:  # a GPU's float atomics add in any order: the table gradients' last bits vary between runs
+                assert (bad[i] - got[i]).norm() <= 1e-6 * got[i].norm(), (reader, i)
 
 
 @pytest.mark.parametrize("mode, layout", [("causal", True), ("mixed", True), ("mixed", False), ("full", False)])
