@@ -78,7 +78,8 @@ _CONFIGS = {
     # the table gradients from the stored dS (no products: the tile holds only dS and the gradient state); one warp
     # per 16 x 32 tile: 0.90 ms per layer at the medium step's shape against 1.51 for 64 x 32 in 4 warps (H100). The
     # kernel's one-warp programs wait on dependent loads; at 254 registers only 8 fit an SM, capped at 128 (spilling
-    # to L1) 16: with the diag kernel capped alike, the medium step as a CUDA graph 37.6 ms against 37.9-38.0
+    # to L1) 16: the autotuner takes the cap in the medium step, 37.5 ms per step as a CUDA graph against 37.9 / 38.0
+    # (docs/benchmarks.md, run 15)
     ("dsgrad", 64, True): [(16, 32, 1, 2, 128), (16, 32, 1, 2), (32, 32, 1, 2), (32, 32, 2, 2), (16, 16, 1, 2)],
     ("dsgrad", 128, True): [(16, 32, 1, 2, 128), (16, 32, 1, 2), (32, 32, 1, 2), (32, 32, 2, 2), (16, 16, 1, 2)],
     ("dsgrad", 256, True): [(16, 32, 1, 2, 128), (16, 32, 1, 2), (32, 32, 1, 2), (32, 32, 2, 2), (16, 16, 1, 2)],
@@ -104,8 +105,8 @@ _CONFIGS = {
 }
 # the position-table gradient along the dS buffer's diagonals (no products, no head dim: one list); BLOCK_N is the
 # number of offsets per skewed tile. At the medium step's shape (H100): 32 x 32 in one warp 0.25 ms per layer,
-# 16 x 64 0.29, 32 x 64 in two warps 0.31, 32 x 64 in one 0.47, 64 x 64 in two 0.76; the autotuner picks 16 x 32 in
-# the step, where a cap of 128 registers (as dsgrad's) helps it too
+# 16 x 64 0.29, 32 x 64 in two warps 0.31, 32 x 64 in one 0.47, 64 x 64 in two 0.76; 16 x 32 also with dsgrad's cap
+# of 128 registers (the autotuner kept 16 x 32 uncapped in the medium step, run 15)
 _CONFIGS.update({("diag", d, True): [(32, 32, 1, 1), (16, 32, 1, 1, 128), (16, 64, 1, 1), (32, 64, 2, 1),
                                      (16, 32, 1, 1)]
                  for d in (64, 128, 256)})

@@ -54,8 +54,9 @@ PADDED_MAX_RATIO = 4  # per-sample reductions go through a padded [B, max_len] t
 
 def segment_reduce(values: torch.Tensor, offsets: torch.Tensor, samples: torch.Tensor, local: torch.Tensor,
                    max_len: int, largest: bool, empty: torch.Tensor | int) -> torch.Tensor:
-    """``[B]`` per sample the greatest (``largest``) or least of ``values`` ``[N]`` over its rows (rows grouped by
-    sample: ``samples``, ``local`` from :func:`sample_rows`), ``empty`` for a sample without rows.
+    """``[B, ...]`` per sample the greatest (``largest``) or least of ``values`` ``[N, ...]`` over its rows (rows
+    grouped by sample: ``samples``, ``local`` from :func:`sample_rows`; trailing columns reduced independently),
+    ``empty`` for a sample without rows.
 
     One scatter into a padded ``[B, max_len]`` tile and one row reduction (``max_len`` bounds every sample's length,
     the API's contract): ``scatter_reduce`` would make each sample's rows contend for one cell with atomics. Where
@@ -65,13 +66,17 @@ def segment_reduce(values: torch.Tensor, offsets: torch.Tensor, samples: torch.T
     num_samples, width = lengths.numel(), max(max_len, 1)
     info = torch.iinfo(values.dtype)
     fill = info.min if largest else info.max
-    if num_samples * width <= PADDED_MAX_RATIO * max(values.numel(), 1):
-        dense = values.new_full((num_samples, width), fill)
+    cols = values.shape[1:]
+    if num_samples * width <= PADDED_MAX_RATIO * max(values.shape[0], 1):
+        dense = values.new_full((num_samples, width, *cols), fill)
         dense[samples, local.clamp(max=width - 1)] = values
         out = dense.amax(1) if largest else dense.amin(1)
     else:
-        out = values.new_full((num_samples,), fill).scatter_reduce_(0, samples, values, "amax" if largest else "amin")
-    return torch.where(lengths > 0, out, torch.as_tensor(empty, dtype=values.dtype, device=values.device))
+        index = samples.view(-1, *[1] * len(cols)).expand_as(values)
+        out = values.new_full((num_samples, *cols), fill).scatter_reduce_(0, index, values,
+                                                                          "amax" if largest else "amin")
+    nonempty = (lengths > 0).view(-1, *[1] * len(cols))
+    return torch.where(nonempty, out, torch.as_tensor(empty, dtype=values.dtype, device=values.device))
 
 
 def mixed_stats(offsets: torch.Tensor, token_type: torch.Tensor, num_tokens: int, max_len: int) -> torch.Tensor:
@@ -81,10 +86,11 @@ def mixed_stats(offsets: torch.Tensor, token_type: torch.Tensor, num_tokens: int
     samples, local = sample_rows(offsets, num_tokens)
     is_h = token_type == 0
     is_event = token_type != 2
-    h_prefix = segment_reduce(torch.where(is_h, lengths[samples], local), offsets, samples, local, max_len, False, 0)
-    h_end = segment_reduce(torch.where(is_h, local + 1, 0), offsets, samples, local, max_len, True, 0)
-    e_end = segment_reduce(torch.where(is_event, local + 1, 0), offsets, samples, local, max_len, True, 0)
-    return torch.stack([h_prefix, h_end, e_end], 1).to(torch.int32).contiguous()
+    # one reduction for all three: the least first non-H position as the greatest of its negation
+    values = torch.stack([-torch.where(is_h, lengths[samples], local), torch.where(is_h, local + 1, 0),
+                          torch.where(is_event, local + 1, 0)], 1)
+    stats = segment_reduce(values, offsets, samples, local, max_len, True, 0)
+    return (stats * stats.new_tensor([-1, 1, 1])).to(torch.int32).contiguous()
 
 
 def identity_prefix(offsets: torch.Tensor, positions: torch.Tensor, num_tokens: int, max_len: int) -> torch.Tensor:
