@@ -40,6 +40,7 @@ from recfm.kernels.hstu_attention.triton_common import (
     key_ranges,
     key_tile,
     load_rows,
+    pos_grad_add,
     query_ranges,
     query_tile,
     sample_extent,
@@ -301,8 +302,8 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
             D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK, BLOCK_DV, TB_LANES, TOEP,
             BIAS_IN, SCORES)
         pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
-                                           pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base, col_ok,
-                                           True, FEW_BUCKETS, POS_GRAD, TIME_GRAD, False, BLOCK_M, BLOCK_N)
+                                           pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base, FEW_BUCKETS,
+                                           POS_GRAD, TIME_GRAD, False, BLOCK_M, BLOCK_N)
     else:
         if DS_IN:  # the table-gradient kernel: dS as the dQ kernel stored it, no products
             ds, col_ok, tt_k, ev_k, d_lo, d_hi, b_lo, b_hi = _ds_stored(
@@ -320,26 +321,31 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
                 cols = start_n + tl.arange(0, BLOCK_N)
                 tl.store(DSB + rows[:, None] * BS + cols[None, :], ds.to(DSB.dtype.element_ty), mask=row_ok[:, None])
         if GRADS and INLINE:  # every tile here, by its own spans
-            key_id = col_ok
-            other_keys = True
-            pos_free = False  # with DIAG: every pair of the tile is hstu_diag_grad_kernel's position gradient
-            if DIAG:  # keys at their own event position: hstu_diag_grad_kernel adds their unclamped pairs
-                key_id = (start_n + tl.arange(0, BLOCK_N)) < id_end
-                other_keys = start_n + BLOCK_N > id_end
-                pos_free = (not other_keys) & (d_lo > -P_HALF) & (d_hi < P_HALF)
-            if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
-                pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
-                    ds, tt_q[:, None], tt_k[None, :], d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
-                    P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
-            elif pos_free & (b_hi - b_lo <= 1):  # only the time table's flat path is left
-                pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
-                    ds, tt_q[:, None], tt_k[None, :], d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
-                    P_HALF, NUM_TB, False, TIME_GRAD)
+            if DIAG == 2:  # the second pass: the unclamped pairs of keys past the identity prefix, position only
+                if (start_n + BLOCK_N > id_end) & (d_lo < P_HALF) & (d_hi > -P_HALF):
+                    d = ev_q[:, None] - ev_k[None, :]
+                    pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok & ((start_n + tl.arange(0, BLOCK_N)) >= id_end),
+                                 tl.where((d > -P_HALF) & (d < P_HALF), ds, 0.0), d_lo, d_hi, P_HALF, FEW_BUCKETS,
+                                 BLOCK_M, BLOCK_N)
             else:
-                pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi,
-                                                   pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB, inv_log2_base,
-                                                   key_id, other_keys, FEW_BUCKETS, POS_GRAD, TIME_GRAD, DIAG, BLOCK_M,
-                                                   BLOCK_N)
+                # with DIAG (1) this pass adds only the clamped pairs' position gradient: a tile inside the clamp
+                # has none (the diag kernel and the second pass have its pairs)
+                pos_free = False
+                if DIAG == 1:
+                    pos_free = (d_lo > -P_HALF) & (d_hi < P_HALF)
+                if spans_flat(d_lo, d_hi, b_lo, b_hi, P_HALF, HAS_POS, HAS_TIME):
+                    pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
+                        ds, tt_q[:, None], tt_k[None, :], d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
+                        P_HALF, NUM_TB, POS_GRAD, TIME_GRAD)
+                elif pos_free & (b_hi - b_lo <= 1):  # only the time table's flat path is left
+                    pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
+                        ds, tt_q[:, None], tt_k[None, :], d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg_hi, DTTAB, TBND,
+                        P_HALF, NUM_TB, False, TIME_GRAD)
+                else:
+                    pg_lo, pg_hi, tgb = band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo,
+                                                       b_hi, pg_lo, pg_hi, tgb, DPTAB, TBND, P_HALF, NUM_TB,
+                                                       inv_log2_base, FEW_BUCKETS, POS_GRAD, TIME_GRAD, DIAG == 1,
+                                                       BLOCK_M, BLOCK_N)
         elif GRADS:
             if flat:
                 pg_lo, pg_hi, tb, tg_lo, tg_hi = flat_grads_add(
@@ -377,6 +383,8 @@ def _dq_range(lo, hi, dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, ro
                         BIAS, BS, DSB, KS, VS, D_QK, D_V, MASKED, MASK_MODE, HAS_POS, HAS_TIME, DOT_PREC, FAST, BLOCK_N, BLOCK_DQK,
                         BLOCK_DV, FEW_BUCKETS, POS_GRAD, TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, SCORES, DS_OUT, DS_IN, id_end, DIAG)
     else:
+        if DIAG == 2:  # the second table-gradient pass visits only key tiles past the identity prefix
+            lo = tl.maximum(lo, (id_end // BLOCK_N) * BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb = _dq_step(
                 dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos_q, vis_q, tt_q, ev_q, evq_lo,
@@ -424,7 +432,7 @@ def _dq_program(
         DSB += g * BHS + q_start * BS
     kc0, kc1, qc0, qc1 = chunk_ranges(KCH, QCH, b, HAS_POS or HAS_TIME)
     id_end = 0
-    if DIAG:  # keys [0, id_end) sit at their own event positions (triton_meta.identity_prefix)
+    if DIAG != 0:  # keys [0, id_end) sit at their own event positions (triton_meta.identity_prefix)
         id_end = tl.load(IDEND + b)
     pg_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     pg_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -488,7 +496,7 @@ def _dq_program(
                 TIME_GRAD, BLOCK_M, BAND, SUPER, INLINE, TB_LANES, TOEP, BIAS_IN, SCORES, DS_OUT, DS_IN, id_end, DIAG)
         if not BAND and not DS_IN:
             store_rows(DQ, rows, row_ok, dqa * alpha, H * D_QK, D_QK, BLOCK_DQK)
-    if POS_GRAD:
+    if POS_GRAD and DIAG != 2:
         flush_clamped(DPTAB, pg_lo, pg_hi, P_HALF)
     if TIME_GRAD:
         if BAND or INLINE:
@@ -567,8 +575,11 @@ def hstu_ds_grad_kernel(
     BS]`` (the bias cache's layout and dtype: 16-bit inputs store dS rounded as the dQ product reads it): the one-pass dQ's per-tile paths (flat tiles: row sums; others:
     :func:`.triton_common.band_grads_add`), with no products and no Q, K, V or dO read, so that the dQ kernel
     keeps the large tiles of attention without tables and this kernel's tiles hold only the gradient state. With
-    ``DIAG`` the position table's unclamped pairs of keys at their own event position are left to
-    :func:`hstu_diag_grad_kernel` (keys ``[0, IDEND[b])``)."""
+    ``DIAG`` 1 the position table's unclamped pairs are left to :func:`hstu_diag_grad_kernel` (keys at their own
+    event position, ``[0, IDEND[b])``) and to a second launch with ``DIAG`` 2 (the other keys, e.g. targets: only key
+    tiles past the prefix, position only): the first pass then adds the time table and the clamped pairs, and
+    compiles without the per-pair position paths (128 registers instead of 254 for 16 x 32 tiles in one warp, so
+    twice the programs fit an SM)."""
     _dq_program(Q, K, V, DO, DQ, DPTAB, DTTAB, OFF, QOFF, QTOK, TYPE, VIS, TT, POS, PTAB, TTAB, TBND, STATS, INVN, KEXT,
                 KCH, QEXT, QCH, ptab_stride, ttab_stride, alpha, norm_const, P_HALF, NUM_TB, inv_log2_base, BIAS, BS, BHS,
                 DSB, IDEND, H, GROUP, D_QK, D_V, QS, KS, VS, MASK_MODE, NORM, HAS_QIDX, HAS_POS, HAS_TIME, DOT_PREC, FAST,

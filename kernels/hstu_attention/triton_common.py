@@ -387,31 +387,24 @@ def flat_grads_add(ds, tt_q, tt_k, d_lo, b_lo, b_hi, pg_lo, pg_hi, tb, tg_lo, tg
 
 @triton.jit
 def band_grads_add(ds, ev_q, ev_k, tt_q, tt_k, row_ok, col_ok, d_lo, d_hi, b_lo, b_hi, pg_lo, pg_hi, tgb, DPTAB, TBND,
-                   P_HALF, NUM_TB, inv_log2_base, key_id, other_keys, FEW_BUCKETS: tl.constexpr,
-                   POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr, DIAG: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   P_HALF, NUM_TB, inv_log2_base, FEW_BUCKETS: tl.constexpr, POS_GRAD: tl.constexpr,
+                   TIME_GRAD: tl.constexpr, CLAMPED_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Table gradients of a tile of the band kernel (``[d_lo, d_hi]``, ``[b_lo, b_hi]`` its spans; ``ds`` zero
     outside the mask). Position: a tile past the clamp adds its row sums to ``pg_lo`` / ``pg_hi`` as in
-    :func:`flat_grads_add`, others take :func:`pos_grad_add` (diagonal sums). With ``DIAG`` the pairs of the
-    keys flagged in ``key_id`` (``[BLOCK_N]``: keys at their own event position) that lie inside the clamp are
-    left to :func:`.triton_bwd.hstu_diag_grad_kernel`: of those keys only the clamped pairs are added here (two
-    row sums, in a tile across the clamp), the other keys (``other_keys``: the tile has some) take
-    :func:`pos_grad_add`. Time: per-bucket row sums go to
-    column ``c`` of ``tgb`` ``[BLOCK_M, TB_PAD]`` (one pass over the tile per bucket it holds, reductions within
-    a warp, no atomics); :func:`flush_band_time` adds ``tgb`` once per program."""
+    :func:`flat_grads_add`, others take :func:`pos_grad_add` (diagonal sums); with ``CLAMPED_ONLY`` (the
+    table-gradient kernel's first pass when the diag kernel runs: the unclamped pairs are that kernel's and the
+    second pass's) only the clamped pairs, by two masked row sums in a tile across the clamp. Time: per-bucket row
+    sums go to column ``c`` of ``tgb`` ``[BLOCK_M, TB_PAD]`` (one pass over the tile per bucket it holds,
+    reductions within a warp, no atomics); :func:`flush_band_time` adds ``tgb`` once per program."""
     rs = tl.sum(ds, axis=1)
     if POS_GRAD:
         if (d_lo >= P_HALF) | (d_hi <= -P_HALF):
             pg_lo, pg_hi = clamped_rows_add(rs, d_lo, P_HALF, pg_lo, pg_hi)
-        elif DIAG:
+        elif CLAMPED_ONLY:
             if (d_hi >= P_HALF) | (d_lo <= -P_HALF):
                 d = ev_q[:, None] - ev_k[None, :]
-                ident = key_id[None, :]
-                pg_hi += tl.sum(tl.where(ident & (d >= P_HALF), ds, 0.0), axis=1)
-                pg_lo += tl.sum(tl.where(ident & (d <= -P_HALF), ds, 0.0), axis=1)
-            if other_keys:
-                pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok & (key_id == 0), ds, d_lo, d_hi, P_HALF, FEW_BUCKETS,
-                             BLOCK_M, BLOCK_N)
+                pg_hi += tl.sum(tl.where(d >= P_HALF, ds, 0.0), axis=1)
+                pg_lo += tl.sum(tl.where(d <= -P_HALF, ds, 0.0), axis=1)
         else:
             pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok, ds, d_lo, d_hi, P_HALF, FEW_BUCKETS, BLOCK_M, BLOCK_N)
     if TIME_GRAD:

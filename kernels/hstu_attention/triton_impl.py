@@ -83,8 +83,10 @@ DKDV_SPLIT = True
 # With the dS buffer and a position table taking its gradient, the pairs whose key sits at its own event position
 # (every key but the targets in the batch layout) and whose offset lies inside the clamp are summed along the
 # buffer's diagonals by triton_bwd.hstu_diag_grad_kernel (skewed loads, register sums, one flush per program);
-# the table-gradient kernel (DIAG) keeps the time table, the clamped pairs and the other keys. Up to DIAG_MAX_SLOTS
-# position buckets (the diag kernel holds next_power_of_2(2P) sums per program).
+# the table-gradient kernel keeps the time table and the clamped pairs (DIAG 1), and a second launch of it the other
+# keys' unclamped pairs (DIAG 2: targets in the batch layout), so that the first compiles without the per-pair
+# position paths (H100, medium step as a CUDA graph: 37.0 against 37.5 ms, docs/benchmarks.md run 16). Up to
+# DIAG_MAX_SLOTS position buckets (the diag kernel holds next_power_of_2(2P) sums per program).
 DIAG_GRADS = True
 DIAG_MAX_SLOTS = 4096
 
@@ -315,10 +317,12 @@ class _HSTUAttention(torch.autograd.Function):
                 if dkdv_reads_ds:
                     dkdv()
                 diag = grads["POS_GRAD"] and DIAG_GRADS and plan.pos_slots() <= DIAG_MAX_SLOTS
-                launch("dsgrad", plan.max_len, plan.num_samples, plan.num_heads, args,
-                       {**plan.kernel_meta("dsgrad"), **grads, "DIAG": diag})
-                if diag:
+                meta = {**plan.kernel_meta("dsgrad"), **grads}
+                launch("dsgrad", plan.max_len, plan.num_samples, plan.num_heads, args, {**meta, "DIAG": int(diag)})
+                if diag:  # the unclamped pairs: keys at their own position along diagonals, the others' in a 2nd pass
                     plan.diag_grad(dsb, dpos, pos_bias)
+                    launch("dsgrad", plan.max_len, plan.num_samples, plan.num_heads, args,
+                           {**meta, "TIME_GRAD": False, "DIAG": 2})
             else:
                 launch(kind, plan.max_len, plan.num_samples, plan.num_heads, args, {**plan.kernel_meta(kind), **grads})
             if split:  # the table gradients of the cells dq leaves out

@@ -241,7 +241,7 @@ def launch(kind: str, grid_rows: int, num_samples: int, num_heads: int, args: tu
         return (tiles, num_heads, num_samples) if tiles_first else (num_samples, num_heads, tiles)
 
     if kind in ("dq", "dq_inline", "band", "dsgrad"):  # see triton_common.scatter_add_grad
-        meta = {"DS_OUT": False, "DIAG": False, **meta, "FEW_BUCKETS": 4 if interpreting() else 128,
+        meta = {"DS_OUT": False, "DIAG": 0, **meta, "FEW_BUCKETS": 4 if interpreting() else 128,
                 "SUPER": INTERPRET_SUPER if interpreting() else SUPER, "INLINE": kind in ("dq_inline", "dsgrad")}
     if interpreting():
         _interpreter_index_fix()
