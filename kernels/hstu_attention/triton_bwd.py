@@ -589,7 +589,7 @@ def hstu_ds_grad_kernel(
 
 @triton.jit
 def hstu_diag_grad_kernel(
-    DSB, DPTAB, OFF, QOFF, QTOK, VIS, POS, IDEND, LEN_KEY, BS, BHS, ptab_stride, P_HALF, H: tl.constexpr,
+    DSB, DPTAB, OFF, QOFF, QTOK, VIS, POS, IDEND, STATS, LEN_KEY, BS, BHS, ptab_stride, P_HALF, H: tl.constexpr,
     MASK_MODE: tl.constexpr, HAS_QIDX: tl.constexpr, P_SLOTS: tl.constexpr, TILES_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -599,17 +599,21 @@ def hstu_diag_grad_kernel(
     BS]`` layout). Their bucket is ``delta + P``: a diagonal of the dS buffer, shifted per row by the query's
     event position. So the tile of ``BLOCK_M`` query rows and ``BLOCK_N`` offsets ``delta = c BLOCK_N - P + k``
     is loaded *skewed*, row ``i`` from column ``ev_i - delta`` on (contiguous addresses per row, read once, only
-    where the mask allows the pair), and one column sum gives ``BLOCK_N`` buckets' gradients: no gather, no
-    per-score bucket. Chunk ``c`` always holds buckets ``c BLOCK_N + k``, so a program adds its chunks' sums
+    where the mask allows the pair; with the mixed mask a chunk reaching past the sample's leading H run, ``STATS``,
+    gathers the keys' visibility codes, others need none), and one column sum gives ``BLOCK_N`` buckets'
+    gradients: no gather of dS, no per-score bucket. Chunk ``c`` always holds buckets ``c BLOCK_N + k``, so a program adds its chunks' sums
     in registers (``[P_SLOTS / BLOCK_N, BLOCK_N]``, ``P_SLOTS >= 2P``) over its query tiles and flushes them with
     one vector atomic. Every other pair (clamped offsets, other keys: a target's own position) and the whole
-    time table are :func:`hstu_ds_grad_kernel`'s (``DIAG``). Grid: several query tiles per program
+    time table are :func:`hstu_ds_grad_kernel`'s (``DIAG`` 1 and 2). Grid: several query tiles per program
     (:func:`.triton_common.grid_ids`; the launcher sizes it)."""
     b, g, pid, n_prog = grid_ids(TILES_FIRST)
     seq_start, L, q_start, q_len = sample_extent(OFF, QOFF, b, HAS_QIDX)
     n_tiles = tl.cdiv(q_len, BLOCK_M)
     if pid < n_tiles:
         id_end = tl.load(IDEND + b)
+        h_prefix = 0
+        if MASK_MODE == 2:  # keys [0, h_prefix) are H tokens, which every query sees (triton_meta stats)
+            h_prefix = tl.load(STATS + b * 3)
         QTOK += q_start
         VIS += 2 * seq_start
         POS += seq_start
@@ -636,8 +640,9 @@ def hstu_diag_grad_kernel(
                 if MASK_MODE == 1:
                     ok = ok & (col <= pos_q[:, None])
                 elif MASK_MODE == 2:
-                    vis_k = tl.load(VIS + 2 * col + 1, mask=ok, other=INT_MAX)
-                    ok = ok & ((vis_k <= vis_q[:, None]) | (col == pos_q[:, None]))
+                    if e_hi - c * BLOCK_N + P_HALF >= h_prefix:  # a key past the leading H run: its visibility code
+                        vis_k = tl.load(VIS + 2 * col + 1, mask=ok & (col >= h_prefix), other=-1)
+                        ok = ok & ((vis_k <= vis_q[:, None]) | (col == pos_q[:, None]))
                 ds = tl.load(DSB + rows[:, None] * BS + col, mask=ok, other=0.0).to(tl.float32)
                 acc += tl.where(slot[:, None] == c, tl.sum(ds, axis=0)[None, :], 0.0)
         cells = slot[:, None] * BLOCK_N + k[None, :]

@@ -207,7 +207,7 @@ class _Plan:
         ptab_stride = self.table_strides(pos_bias, None, "dq")[0]
         flags = {name: self.meta[name] for name in ("H", "MASK_MODE", "HAS_QIDX")}
         launch("diag", self.max_len, self.num_samples, self.num_heads,
-               (dsb, dpos, t.offsets, t.qoff, t.qtok, t.vis, t.positions, t.idend, len_key, dsb.stride(1),
+               (dsb, dpos, t.offsets, t.qoff, t.qtok, t.vis, t.positions, t.idend, t.stats, len_key, dsb.stride(1),
                 dsb.stride(0), ptab_stride, half),
                {**flags, "P_SLOTS": self.pos_slots()})
 

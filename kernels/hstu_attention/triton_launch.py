@@ -106,9 +106,10 @@ _CONFIGS = {
 # the position-table gradient along the dS buffer's diagonals (no products, no head dim: one list); BLOCK_N is the
 # number of offsets per skewed tile. At the medium step's shape (H100): 32 x 32 in one warp 0.25 ms per layer,
 # 16 x 64 0.29, 32 x 64 in two warps 0.31, 32 x 64 in one 0.47, 64 x 64 in two 0.76; 16 x 32 also with dsgrad's cap
-# of 128 registers (the autotuner kept 16 x 32 uncapped in the medium step, run 15)
+# of 128 registers (the autotuner kept 16 x 32 uncapped in the medium step, run 15), and in two warps (128 registers
+# instead of 212 in one), which the autotuner takes in the medium step (run 16)
 _CONFIGS.update({("diag", d, True): [(32, 32, 1, 1), (16, 32, 1, 1, 128), (16, 64, 1, 1), (32, 64, 2, 1),
-                                     (16, 32, 1, 1)]
+                                     (16, 32, 2, 1), (32, 32, 2, 1), (16, 32, 1, 1)]
                  for d in (64, 128, 256)})
 # dK and dV as two launches (triton_impl.DKDV_SPLIT: the score cache and the dS buffer; one accumulator each):
 # (query rows, keys, warps, stages), keys up to 128 wide. At the medium step's shape (H100, d 256, both launches
