@@ -321,8 +321,8 @@ def _dq_step(dqa, pg_lo, pg_hi, tb, tg_lo, tg_hi, tgb, q, do, inv_n, row_ok, pos
                 cols = start_n + tl.arange(0, BLOCK_N)
                 tl.store(DSB + rows[:, None] * BS + cols[None, :], ds.to(DSB.dtype.element_ty), mask=row_ok[:, None])
         if GRADS and INLINE:  # every tile here, by its own spans
-            if DIAG == 2:  # the second pass: the unclamped pairs of keys past the identity prefix, position only
-                if (start_n + BLOCK_N > id_end) & (d_lo < P_HALF) & (d_hi > -P_HALF):
+            if DIAG == 2:  # the second pass (key tiles past the identity prefix, _dq_range): their unclamped pairs
+                if (d_lo < P_HALF) & (d_hi > -P_HALF):
                     d = ev_q[:, None] - ev_k[None, :]
                     pos_grad_add(DPTAB, ev_q, ev_k, row_ok, col_ok & ((start_n + tl.arange(0, BLOCK_N)) >= id_end),
                                  tl.where((d > -P_HALF) & (d < P_HALF), ds, 0.0), d_lo, d_hi, P_HALF, FEW_BUCKETS,
@@ -601,9 +601,9 @@ def hstu_diag_grad_kernel(
     is loaded *skewed*, row ``i`` from column ``ev_i - delta`` on (contiguous addresses per row, read once, only
     where the mask allows the pair; with the mixed mask a chunk reaching past the sample's leading H run, ``STATS``,
     gathers the keys' visibility codes, others need none), and one column sum gives ``BLOCK_N`` buckets'
-    gradients: no gather of dS, no per-score bucket. Chunk ``c`` always holds buckets ``c BLOCK_N + k``, so a program adds its chunks' sums
-    in registers (``[P_SLOTS / BLOCK_N, BLOCK_N]``, ``P_SLOTS >= 2P``) over its query tiles and flushes them with
-    one vector atomic. Every other pair (clamped offsets, other keys: a target's own position) and the whole
+    gradients: no gather of dS, no per-score bucket. Chunk ``c`` always holds buckets ``c BLOCK_N + k``, so a
+    program adds its chunks' sums in registers (``[P_SLOTS / BLOCK_N, BLOCK_N]``, ``P_SLOTS >= 2P``) over its query
+    tiles and flushes them with one vector atomic. Every other pair (clamped offsets, other keys: a target's own position) and the whole
     time table are :func:`hstu_ds_grad_kernel`'s (``DIAG`` 1 and 2). Grid: several query tiles per program
     (:func:`.triton_common.grid_ids`; the launcher sizes it)."""
     b, g, pid, n_prog = grid_ids(TILES_FIRST)
