@@ -72,7 +72,9 @@ class TaskTower(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """``x: [n, d_model]``, ``experts: [n, E, expert_dim]`` -> ``[n]`` logits."""
-        mixed = torch.einsum("ne,ned->nd", torch.softmax(self.gate(x), dim=-1), experts)
+        # a broadcast product and a sum over E: as a matmul this is n batched [1, E] x [E, expert_dim] products, which
+        # run as tiny batched GEMMs whose backward cost ~0.3 ms per training step on an H100 (medium preset)
+        mixed = (torch.softmax(self.gate(x), dim=-1).unsqueeze(-1) * experts).sum(1)
         return self.tower(mixed).squeeze(-1)
 
 

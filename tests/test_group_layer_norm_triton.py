@@ -60,6 +60,8 @@ def _expected(x, group, weight, bias, dy, gate=None):
     (200, 8, 5, True),    # several tiles per program, group runs crossing tile edges
     (40, 48, 3, False),   # 48 -> 64-wide block, 3 tiles (the last one partial)
     (1, 16, 1, False),    # one row, one group
+    (300, 8, 64, False),  # 64 groups: the last bit of the written-rows mask
+    (300, 8, 70, False),  # more groups than the mask has bits: zero-filled partials, summed whole
 ])
 def test_forward_and_backward_match_reference(dtype, n, d, groups, sorted_groups):
     inputs = _case(n, d, groups, dtype, seed=n + d, sorted_groups=sorted_groups)
@@ -154,6 +156,24 @@ def test_without_bias_matches_reference():
     assert len(got) == 3
     for g, w in zip(got, want):
         torch.testing.assert_close(g.to(GRAD_DTYPE), w, rtol=1e-5, atol=1e-5)
+
+
+def test_partials_left_unwritten_are_never_read(monkeypatch):
+    """The backward's work buffers start uninitialised (NaN here): a program reads back only the partial rows it
+    wrote, and the sum only the rows some program wrote."""
+    from recfm.kernels.group_layer_norm import triton_impl
+
+    def scratch(shape, zeroed, device):
+        return torch.zeros(shape, device=device) if zeroed else torch.full(shape, float("nan"), device=device)
+
+    monkeypatch.setattr(triton_impl, "_scratch", scratch)
+    for n, groups, sorted_groups in ((200, 6, True), (90, 64, False), (50, 3, False)):
+        inputs = _case(n, 16, groups, torch.float32, seed=n, sorted_groups=sorted_groups)
+        got = _run("triton", *inputs)
+        want = _expected(*inputs)
+        for g, w in zip(got, want):
+            assert not g.isnan().any()
+            torch.testing.assert_close(g.to(GRAD_DTYPE), w, rtol=1e-5, atol=1e-5)
 
 
 def test_group_gradients_are_per_group_sums():

@@ -47,6 +47,7 @@ def _run(impl, x, weights, biases, sizes, silu, dtype, autocast=False, used=None
     (200, [40, 24], [16, 24, 24], [True, False, True]),  # parts across the weights' row blocks, mixed SiLU
     (37, [48], [24, 24], [True, True]),                    # one weight, rows not a multiple of the row block
     (5, [12, 20], [12, 20], [False, False]),               # no SiLU: dpre is dy, db its column sums
+    (90, [20], [20], [False]),                             # one part, no SiLU (W_out): dy itself is dpre
     (1, [8], [8], [True]),                                 # one row
     (0, [16, 16], [16, 16], [True, True]),                 # no rows
 ])
@@ -69,6 +70,33 @@ def test_unused_part_gets_no_gradient():
     assert torch.all(got[1][16:] == 0) and torch.all(got[2][16:] == 0)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
+def test_output_projection_reads_its_gradient_as_it_is(monkeypatch):
+    """One part without SiLU (HSTU's W_out): the backward's matmuls take the incoming gradient itself, no copy of it
+    is made, and the kernel only sums its columns (bias gradient)."""
+    from recfm.kernels.linear_silu import triton_impl
+
+    x, weights, biases = _case(70, 16, [24], seed=11)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (x, *weights, *biases)]
+    (y,) = linear_silu(leaves[0], leaves[1:2], leaves[2:], [24], [False], impl="triton")
+    dy = torch.randn(70, 24, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    seen = []
+    launch = triton_impl._silu_grad
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                seen.append((args[0].data_ptr(), args[2].data_ptr(), kw["STORE"]))
+                return launch[grid](*args, **kw)
+            return run
+
+    monkeypatch.setattr(triton_impl, "_silu_grad", Spy())
+    y.backward(dy)
+    assert seen == [(dy.data_ptr(), dy.data_ptr(), False)]
+    torch.testing.assert_close(leaves[0].grad, dy @ leaves[1].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaves[1].grad, dy.t() @ leaves[0].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaves[2].grad, dy.sum(0), rtol=1e-5, atol=1e-5)
 
 
 def test_autocast_bf16_matches_reference():

@@ -91,3 +91,26 @@ def test_target_rows_of_is_per_scenario_indexing():
         assert torch.equal(fused[name], plain[name])
     torch.testing.assert_close(g_fused, g_plain)
     assert target_rows_of(y0, {}) == {}
+
+
+def test_scatter_rows_places_each_groups_rows():
+    """Every group's values land at its rows, zeros where no group has a row; each group's gradient is the incoming
+    gradient at its rows (a gather each way, checked against a plain index_put)."""
+    from recfm.foundation.model.rows import scatter_rows
+
+    gen = torch.Generator().manual_seed(1)
+    perm = torch.randperm(30, generator=gen)
+    rows = [perm[:7], perm[7:8], perm[8:8], perm[8:26]]  # tokens perm[26:] belong to no group
+    values0 = [torch.randn(r.numel(), 5, generator=gen) for r in rows]
+    weight = torch.randn(30, 5, generator=gen)
+    results = []
+    for place in (lambda v: scatter_rows(30, rows, v),
+                  lambda v: torch.zeros(30, 5).index_put((torch.cat(rows),), torch.cat(v))):
+        values = [v.clone().requires_grad_() for v in values0]
+        out = place(values)
+        (out * weight).sum().backward()
+        results.append((out, [v.grad for v in values]))
+    (out, grads), (want, want_grads) = results
+    assert torch.equal(out, want) and torch.all(out[perm[26:]] == 0)
+    for g, w in zip(grads, want_grads):
+        assert torch.equal(g, w)

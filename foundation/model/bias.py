@@ -32,6 +32,7 @@ import math
 import torch
 from torch import nn
 
+from recfm.errors import RecfmError
 from recfm.scenarios.spec import TokenType
 
 
@@ -98,10 +99,16 @@ def event_positions(
     is_h = token_type == int(TokenType.H)
     is_event = token_type != int(TokenType.T)
     # Event order inside a sample: H by position; then R and T by time, T first on a tie (a target sees
-    # only strictly earlier R), then by position. Sort by the least significant key first (stable sorts).
-    order = index
-    for key in (is_event.to(torch.int64), torch.where(is_h, 0, timestamps), (~is_h).to(torch.int64), samples):
-        order = order[torch.argsort(key[order], stable=True)]
+    # only strictly earlier R), then by position. One stable sort of a packed key (sample, not-H, time rank,
+    # is-event): the time rank (tokens of the batch stamped strictly earlier) keeps ties and takes log2(N) bits.
+    rank_bits = max(num_tokens, 1).bit_length()
+    if (offsets.numel() - 1).bit_length() + rank_bits + 2 > 63:
+        raise RecfmError(f"event_positions: {offsets.numel() - 1} samples of {num_tokens} tokens do not fit a 63-bit "
+                         "sort key")
+    rank = torch.searchsorted(torch.sort(timestamps).values, timestamps)
+    key = (((samples << 1) | (~is_h).to(torch.int64)) << (rank_bits + 1)) \
+        | (torch.where(is_h, 0, rank) << 1) | is_event.to(torch.int64)
+    order = torch.argsort(key, stable=True)
     events = is_event[order].to(torch.int64)
     before = torch.cat([events.new_zeros(1), torch.cumsum(events, 0)])  # [N+1] events before sorted row r
     # sorting keeps each sample's rows in its own slice offsets[b]:offsets[b+1]

@@ -24,8 +24,14 @@ two full-size gradients.
 
 Program ``p`` is the only writer of ``partial[p]`` (no atomics, deterministic); a tile visits the groups
 between the least and the greatest of its rows (one for most tiles), so it costs one partial update per
-group in that range. ``partial.sum(0)`` gives the
-``[G, d]`` gradients. No host synchronisation anywhere (grid sizes come from host-side shapes).
+group in that range. Up to 64 groups the buffer is not zero-filled as a whole: a first kernel
+(:func:`_gln_mark`) reads the groups of each program's rows, marks the rows the program will update in the
+bits of one int64 (``TOUCHED[p]``: one or two of the ``G`` for most programs) and zeroes those. A last kernel
+sums the partials over programs into ``[splits, 2, G, d]``, reading only marked rows, and ``sum(0)`` over
+the splits gives the ``[G, d]`` gradients. (A zero fill and ``partial.sum(0)`` of the whole buffer took
+~0.5 ms per training step of the medium preset on an H100; tracking the rows inside the backward kernel
+cost it 2-23 registers per thread and an occupancy step.)
+No host synchronisation anywhere (grid sizes come from host-side shapes).
 """
 
 from __future__ import annotations
@@ -126,6 +132,69 @@ def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, RE
                          + tl.reduce(tl.where(sel[:, None], dy, 0.0), 0, _add), mask=col_ok)
 
 
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _gln_mark(GROUP, PART_W, PART_B, TOUCHED, n_rows, d, N_GROUPS: tl.constexpr, TILES: tl.constexpr,
+              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Before the backward (up to 64 groups): the partial rows program ``pid`` of :func:`_gln_bwd` will update --
+    for each of its tiles the groups from the least to the greatest of its rows -- as the bits of ``TOUCHED[pid]``,
+    and those rows zeroed (the others are neither written nor read)."""
+    pid = tl.program_id(0)
+    rows = (pid * TILES + tl.arange(0, TILES)[:, None]) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    ok = rows < n_rows
+    g = tl.load(GROUP + rows, mask=ok, other=-1)
+    lo = tl.min(tl.where(ok, g, N_GROUPS), 1)  # per tile, as in the backward
+    hi = tl.max(g, 1)
+    span = hi - lo + 1  # <= 0 for a tile past the end
+    one = tl.full([TILES], 1, tl.int64)
+    run = tl.where(span >= 64, -1, (one << tl.minimum(tl.maximum(span, 0), 63)) - 1)
+    bits = tl.where(span > 0, run << tl.minimum(tl.maximum(lo, 0), 63), 0)
+    mask = tl.reduce(bits, 0, _bit_or)
+    tl.store(TOUCHED + pid, mask)
+    cols = tl.arange(0, BLOCK_D)
+    zeros = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for g0 in range(0, N_GROUPS, BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        hit = (((mask >> gs) & 1) != 0) & (gs < N_GROUPS)
+        offs = (pid.to(tl.int64) * N_GROUPS + gs)[:, None] * d + cols[None, :]
+        m = hit[:, None] & (cols < d)[None, :]
+        tl.store(PART_W + offs, zeros, mask=m)
+        if HAS_BIAS:
+            tl.store(PART_B + offs, zeros, mask=m)
+
+
+@triton.jit
+def _gln_partial_sum(PART_W, PART_B, TOUCHED, OUT, programs, per_split, d, N_GROUPS: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, TRACK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
+    """Columns ``[pid0 * BLOCK, +BLOCK)`` of group ``pid1``, summed over programs ``[pid2 * per_split, +per_split)``
+    of the backward's partials (with ``TRACK`` only those whose ``TOUCHED`` bit is set: the others never wrote
+    the row), ``BLOCK_P`` programs' rows per load, into ``OUT[pid2, 0 (weight) / 1 (bias), group]``."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < d
+    g = tl.program_id(1)
+    p0 = tl.program_id(2) * per_split
+    p_end = tl.minimum(p0 + per_split, programs)
+    acc_w = tl.zeros([BLOCK_P, BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_P, BLOCK], dtype=tl.float32)
+    for start in range(p0, p_end, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        p_ok = p < p_end
+        if TRACK:
+            p_ok = p_ok & (((tl.load(TOUCHED + p, mask=p_ok, other=0) >> g) & 1) != 0)
+        row = (p.to(tl.int64) * N_GROUPS + g)[:, None] * d + cols[None, :]
+        m = p_ok[:, None] & ok[None, :]
+        acc_w += tl.load(PART_W + row, mask=m, other=0.0)
+        if HAS_BIAS:
+            acc_b += tl.load(PART_B + row, mask=m, other=0.0)
+    out = (tl.program_id(2).to(tl.int64) * 2 * N_GROUPS + g) * d + cols
+    tl.store(OUT + out, tl.reduce(acc_w, 0, _add), mask=ok)
+    tl.store(OUT + out + N_GROUPS * d, tl.reduce(acc_b, 0, _add), mask=ok)
+
+
 def _blocks(d: int) -> tuple[int, int, int]:
     """``(BLOCK_N, BLOCK_D, num_warps)``: about 2048 elements per tile (H100, d 768, a training batch's group
     layout: with 8 backward programs per SM, forward + backward of the gated form 0.834 -> 0.689 ms and of the plain
@@ -140,6 +209,20 @@ def _blocks(d: int) -> tuple[int, int, int]:
 # as a CUDA graph (H100, 2026-11-24), 16 took 39.7 ms per step in four runs against 40.1 in four for 8 (4: 40.3,
 # 32: 40.0); the isolated benchmark of run 11 had preferred 8 by less than its noise (docs/benchmarks.md, run 14)
 BWD_PROGRAMS_PER_SM = 16
+
+
+SUM_BLOCK_P = 8  # programs' partial rows per load of the partials' sum
+
+
+def _sum_grid(programs: int, n_groups: int, d: int, x: torch.Tensor) -> tuple[int, int, int]:
+    """``(BLOCK, splits, programs per split)`` of the partials' sum: about four programs per SM (the interpreter: two
+    splits)."""
+    block = min(256, triton.next_power_of_2(max(d, 1)))
+    slots = triton.cdiv(d, block) * n_groups
+    target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2 * slots
+    splits = max(1, min(programs, target // slots))
+    per_split = triton.cdiv(programs, splits)
+    return block, triton.cdiv(programs, per_split), per_split
 
 
 def _tiles_per_program(x: torch.Tensor, n_tiles: int) -> int:
@@ -189,19 +272,40 @@ class _GroupLayerNorm(torch.autograd.Function):
         n_tiles = triton.cdiv(n, block_n)
         tiles = _tiles_per_program(x, n_tiles)
         programs = max(1, triton.cdiv(n_tiles, tiles))
-        part_w = torch.zeros(programs, n_groups, d, dtype=torch.float32, device=x.device)
-        part_b = torch.zeros_like(part_w) if bias is not None else part_w
+        # up to 64 groups a first kernel marks each program's partial rows (bits of one int64) and zeroes only those,
+        # and the sum reads only those; beyond, the partials are zero-filled and summed whole
+        track = n_groups <= 64
+        part_w = _scratch((programs, n_groups, d), not track, x.device)
+        part_b = _scratch((programs, n_groups, d), not track, x.device) if bias is not None else part_w
+        touched = torch.empty(programs, dtype=torch.int64, device=x.device)
+        sum_block, splits, per_split = _sum_grid(programs, n_groups, d, x)
+        sums = _scratch((splits, 2, n_groups, d), not n, x.device)  # every element written when there are rows
         if n:
             index_fix()  # the tile's group range bounds a loop
+            if track:
+                _gln_mark[(programs,)](
+                    group, part_w, part_b, touched, n, d, N_GROUPS=n_groups, TILES=tiles, HAS_BIAS=bias is not None,
+                    BLOCK_N=block_n, BLOCK_G=8, BLOCK_D=block_d, num_warps=4,
+                )
             _gln_bwd[(programs,)](
                 x, group, weight, _or(bias, weight), _or(gate, x), dy, mean, rstd, dx, _or(dgate, dx),
                 part_w, part_b, _or(dres, dy), n, d, _stride(gate), N_GROUPS=n_groups, TILES=tiles,
                 HAS_BIAS=bias is not None, HAS_GATE=gate is not None, HAS_RES=dres is not None, BLOCK_N=block_n,
                 BLOCK_D=block_d, num_warps=warps,
             )
-        dw = part_w.sum(0).to(ctx.dtypes[0])
-        db = part_b.sum(0).to(ctx.dtypes[1]) if bias is not None else None
+            _gln_partial_sum[(triton.cdiv(d, sum_block), n_groups, splits)](
+                part_w, part_b, touched, sums, programs, per_split, d, N_GROUPS=n_groups,
+                HAS_BIAS=bias is not None, TRACK=track, BLOCK_P=SUM_BLOCK_P, BLOCK=sum_block, num_warps=4,
+            )
+        total = sums.sum(0) if splits > 1 else sums[0]
+        dw = total[0].to(ctx.dtypes[0])
+        db = total[1].to(ctx.dtypes[1]) if bias is not None else None
         return dx, None, dw, db, None, dgate, None, None
+
+
+def _scratch(shape: tuple[int, ...], zeroed: bool, device: torch.device) -> torch.Tensor:
+    """A float32 work buffer: zero-filled, or left uninitialised where every element read was written first."""
+    return (torch.zeros if zeroed else torch.empty)(shape, dtype=torch.float32, device=device)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
