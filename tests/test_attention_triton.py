@@ -268,6 +268,23 @@ def test_toeplitz_position_tiles(mode, kinds, monkeypatch):
     assert_close_rel(forward_backward("triton", q, k, v, offsets, *tabs, **kw), got, 1e-5)
 
 
+def test_tables_are_laid_out_once_per_call(monkeypatch):
+    # every launch of one call (bias cache, forward, dQ, dK/dV, table gradients) reads the same cast tables and the
+    # same Toeplitz layout: made once per call, not once per launch (no bias cache: every kernel reads the tables)
+    monkeypatch.setattr(triton_impl, "BIAS_CACHE", False)
+    monkeypatch.setattr(triton_impl, "TOEP_KINDS", ("fwd", "dq", "dq_inline", "band", "dkdv"))
+    q, k, v, offsets, types, stamps = tile_path_batch()
+    kw = dict(max_len=64, token_type=types, timestamps=stamps, mask_mode="mixed", normaliser="keys",
+              time_bucket_base=2.0)
+    tabs = (table(2, 9, 47), table(2, 32, 48))
+    calls = []
+    real = triton_impl.toeplitz_tables
+    monkeypatch.setattr(triton_impl, "toeplitz_tables", lambda t: calls.append(t.shape) or real(t))
+    got = forward_backward("triton", q, k, v, offsets, *tabs, **kw)
+    assert calls == [(2, 9)]
+    assert_close_rel(got, forward_backward("reference", q, k, v, offsets, *tabs, **kw), TOL[torch.float32])
+
+
 def cache_case(mode, targets):
     """``tile_path_batch`` with its call options (all its rows as queries, or a target layer's query rows)."""
     q, k, v, offsets, types, stamps = tile_path_batch()

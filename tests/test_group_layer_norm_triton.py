@@ -143,6 +143,43 @@ def test_pass_through_sums_the_residual_gradient(impl, use):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("use", ["both", "norm only", "sum only"])
+def test_add_normalises_the_sum(impl, dtypes, use):
+    """``add=r`` normalises ``s = x + r`` (summed as torch sums it, in the promoted dtype) and, with ``pass_through``,
+    returns ``s``; the gradients of ``x`` and ``r`` are the sum's, in their own dtypes: the same as autograd through
+    ``x + r`` and a plain norm (a residual stream and a layer's branch, summed by the next layer's input norm)."""
+    x, group, weight, bias, dy = _case(45, 24, 3, dtypes[0], seed=31)
+    r = (torch.randn(x.shape, generator=torch.Generator().manual_seed(32)) * 3).to(DEVICE, dtypes[1])
+    dres = torch.randn(x.shape, generator=torch.Generator().manual_seed(33)).to(DEVICE)
+
+    def run(fused):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, r, weight, bias)]
+        if fused:
+            y, s = group_layer_norm(leaves[0], group, leaves[2], leaves[3], impl=impl, pass_through=True,
+                                    add=leaves[1])
+        else:
+            s = leaves[0] + leaves[1]
+            y = group_layer_norm(s, group, leaves[2], leaves[3], impl=impl)
+        loss = {"both": (y.float() * dy.float()).sum() + (s.float() * dres).sum(), "norm only": (y.float() * dy.float()).sum(),
+                "sum only": (s.float() * dres).sum()}[use]
+        return (y, s, *torch.autograd.grad(loss, leaves, allow_unused=True))
+
+    got, want = run(True), run(False)
+    assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
+    # the sum, rounded as torch rounds it (the interpreter's casts to bf16 may differ from round-to-nearest by an ulp)
+    torch.testing.assert_close(got[1], want[1], rtol=0 if got[1].dtype == torch.float32 else 2**-7, atol=0)
+    assert got[2].dtype == dtypes[0] and got[3].dtype == dtypes[1]
+    tol = 1e-5 if dtypes == (torch.float32, torch.float32) else 2e-2
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or torch.all(g == 0)
+        else:
+            torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol)
+
+
 def test_bad_out_dtype_is_named():
     x, group, weight, bias, _ = _case(4, 8, 2, torch.float32, seed=1)
     with pytest.raises(RecfmError, match="out_dtype"):

@@ -106,12 +106,14 @@ class Backbone(nn.Module):
         hybrid = mode is MaskMode.MIXED and any(self.is_target_layer)
         if hybrid and target_index is None:
             target_index = torch.nonzero(token_type == int(TokenType.T)).squeeze(1)
+        branch = None  # a full layer's output is x + branch, summed by the next norm (HSTULayer: defer_residual)
         for layer, is_target in zip(self.layers, self.is_target_layer):
-            x = layer(
+            out = layer(
                 x, offsets, token_type=token_type, timestamps=timestamps, group=group, max_len=max_len,
                 mask_mode=mode, query_index=target_index if hybrid and is_target else None,
-                validate=validate and layer is self.layers[0],
+                validate=validate and layer is self.layers[0], add=branch, defer_residual=True,
             )
+            x, branch = out if isinstance(out, tuple) else (out, None)
         if self.norm_out is not None:
-            x = self.norm_out(x, group, validate=False)
-        return x
+            return self.norm_out(x, group, validate=False, add=branch)
+        return x if branch is None else x + branch

@@ -145,13 +145,15 @@ class GroupLayerNorm(nn.Module):
         self.eps, self.impl = eps, impl
 
     def forward(self, x: torch.Tensor, group: torch.Tensor, validate: bool = True,
-                gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, pass_through: bool = False):
+                gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, pass_through: bool = False,
+                add: torch.Tensor | None = None):
         """``GLN(x)``, or ``GLN(x) * gate`` (``gate [N, dim]``) fused in one kernel pass; in ``out_dtype``
         (default ``x``'s). ``pass_through``: ``(GLN(x), x)``, ``x`` for a residual path whose gradient the
-        backward kernel adds to its own (:func:`recfm.kernels.group_layer_norm.group_layer_norm`)."""
+        backward kernel adds to its own. ``add``: normalise ``x + add``, summed in the same pass (and passed
+        through in ``x``'s place) (:func:`recfm.kernels.group_layer_norm.group_layer_norm`)."""
         impl = resolve_impl(self.impl, x, GLN_IMPLS)
         return group_layer_norm(x, group, self.weight, self.bias, self.eps, impl=impl, validate=validate, gate=gate,
-                                out_dtype=out_dtype, pass_through=pass_through)
+                                out_dtype=out_dtype, pass_through=pass_through, add=add)
 
 
 class HSTULayer(nn.Module):
@@ -192,7 +194,9 @@ class HSTULayer(nn.Module):
         mask_mode: MaskMode | str = MaskMode.MIXED,
         query_index: torch.Tensor | None = None,
         validate: bool = True,
-    ) -> torch.Tensor:
+        add: torch.Tensor | None = None,
+        defer_residual: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Apply the layer to jagged tokens.
 
         Args:
@@ -202,15 +206,23 @@ class HSTULayer(nn.Module):
             query_index: ``[N_q]`` int64 distinct rows that are queries (a target layer: the T rows);
                 ``None`` = every row (a full layer).
             validate: check values of offsets/types/rows/groups (host syncs); shapes are always checked.
+            add: ``[N, d_model]`` or ``None``: the layer's input is ``x + add`` (the previous layer's deferred
+                residual sum), summed by the input norm's kernel.
+            defer_residual: a full layer returns ``(x, branch)`` whose sum is its output, for the next layer's
+                input norm (or the backbone's output norm) to sum in its own pass (``add``): one pass over
+                ``[N, d_model]`` less per layer. A target layer returns its output either way.
 
         Returns:
-            ``[N, d_model]``: the query rows updated, every other row equal to ``x``.
+            ``[N, d_model]``: the query rows updated, every other row equal to ``x``; ``(x, branch)`` with
+            ``defer_residual`` in a full layer.
         """
         c = self.config
         if x.dim() != 2 or x.shape[1] != c.d_model:
             raise RecfmError(f"HSTULayer: x must be [N, d_model={c.d_model}], got {tuple(x.shape)}")
         # x comes back through the norm: the residual path's gradient is summed in its backward kernel
-        x_hat, x = self.norm_in(x, group, validate, out_dtype=autocast_dtype(x), pass_through=True)
+        if add is not None and add.shape != x.shape:
+            raise RecfmError(f"HSTULayer: add must be x's shape {tuple(x.shape)}, got {tuple(add.shape)}")
+        x_hat, x = self.norm_in(x, group, validate, out_dtype=autocast_dtype(x), pass_through=True, add=add)
         if query_index is None:
             x_q, group_q = x, group
             v, k, u, q = self._project(x_hat, (self.proj_vk, self.proj_uq), ("v", "k", "u", "q"))
@@ -232,5 +244,7 @@ class HSTULayer(nn.Module):
         # incoming gradient (autograd's column sum over [N, d_model] runs at about half the memory bandwidth)
         (proj,) = linear_silu(gated, [self.proj_out.weight], [self.proj_out.bias], [c.d_model], [False],
                               impl=resolve_impl(c.impl, gated, PROJ_IMPLS))
+        if query_index is None and defer_residual:
+            return x_q, proj
         y = x_q + proj
         return y if query_index is None else x.index_copy(0, query_index, y)

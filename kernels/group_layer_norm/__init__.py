@@ -7,6 +7,7 @@ Layout::
     weight: [G, d]      one scale row per group
     bias:   [G, d]      one shift row per group (or None)
     gate:   [N, d]      optional: out = GLN(x) * gate, fused (HSTU's GLN(O) * U); may be a column slice
+    add:    [N, d]      optional: the rows normalised are x + add (a residual branch summed in the same pass)
     out:    [N, d]      in x's dtype, or out_dtype (e.g. bf16 for a bf16 matmul after it: no cast pass)
 
 The math is in :mod:`.reference`; ``impl`` picks the implementation from ``IMPLS``:
@@ -26,11 +27,11 @@ from recfm.kernels.group_layer_norm.reference import group_layer_norm_reference
 
 def _triton(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             eps: float, gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-            pass_through: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            pass_through: bool = False, add: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lazy entry of the Triton implementation (imports Triton on first call)."""
     from recfm.kernels.group_layer_norm.triton_impl import group_layer_norm_triton
 
-    return group_layer_norm_triton(x, group, weight, bias, eps, gate, out_dtype, pass_through)
+    return group_layer_norm_triton(x, group, weight, bias, eps, gate, out_dtype, pass_through, add)
 
 
 IMPLS = {"reference": group_layer_norm_reference, "triton": _triton}
@@ -49,8 +50,9 @@ def group_layer_norm(
     gate: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     pass_through: bool = False,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Normalise each row of ``x`` and apply its group's affine parameters.
+    """Normalise each row of ``x`` (of ``x + add``) and apply its group's affine parameters.
 
     Args:
         x: ``[N, d]`` float.
@@ -69,9 +71,14 @@ def group_layer_norm(
         pass_through: also return ``x`` itself, for a layer's residual path: its gradient then comes back to
             this function's backward, which (Triton) adds it to its own in the same pass instead of autograd
             summing the two full-size gradients.
+        add: ``[N, d]`` float or ``None``; when given the rows normalised are ``s = x + add`` (in the dtype
+            ``x + add`` has), summed in the same pass: a residual stream and the branch just computed, as the
+            next layer's input norm reads them, without a separate sum over ``[N, d]``. ``s`` then takes
+            ``x``'s place everywhere, the second output of ``pass_through`` included.
 
     Returns:
-        ``[N, d]`` in ``out_dtype`` (default ``x``'s dtype); with ``pass_through``, ``(that, x)``.
+        ``[N, d]`` in ``out_dtype`` (default ``x``'s dtype, or ``s``'s); with ``pass_through``, ``(that, x)``
+        (``(that, s)`` with ``add``).
 
     Raises:
         RecfmError: naming the argument at fault.
@@ -94,13 +101,17 @@ def group_layer_norm(
         fail(f"weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must have the same shape")
     if gate is not None and (gate.shape != x.shape or not gate.dtype.is_floating_point):
         fail(f"gate must be a floating tensor of x's shape {tuple(x.shape)}, got {gate.dtype} {tuple(gate.shape)}")
+    if add is not None and (add.shape != x.shape or not add.dtype.is_floating_point):
+        fail(f"add must be a floating tensor of x's shape {tuple(x.shape)}, got {add.dtype} {tuple(add.shape)}")
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         fail(f"out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
-    for name, t in (("group", group), ("weight", weight), ("bias", bias), ("gate", gate)):
+    for name, t in (("group", group), ("weight", weight), ("bias", bias), ("gate", gate), ("add", add)):
         if t is not None and t.device != x.device:
             fail(f"{name} is on {t.device} but x is on {x.device}")
     if validate and n and (int(group.min()) < 0 or int(group.max()) >= weight.shape[0]):
         fail(f"group ids must be in [0, {weight.shape[0]}), got {int(group.min())} .. {int(group.max())}")
-    if gate is None and out_dtype in (None, x.dtype) and not pass_through:
+    if gate is None and out_dtype in (None, x.dtype) and not pass_through and add is None:
         return IMPLS[impl](x, group, weight, bias, float(eps))
-    return IMPLS[impl](x, group, weight, bias, float(eps), gate, out_dtype, pass_through)
+    if add is None:
+        return IMPLS[impl](x, group, weight, bias, float(eps), gate, out_dtype, pass_through)
+    return IMPLS[impl](x, group, weight, bias, float(eps), gate, out_dtype, pass_through, add)

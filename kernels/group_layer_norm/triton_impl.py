@@ -18,6 +18,11 @@ With a ``gate`` (HSTU's ``GLN(O) * U``) the forward multiplies by it before the 
 first forms ``dgate = dy * GLN(x)`` and ``dy <- dy * gate``: the normalised tensor is never written to
 memory nor kept for the backward.
 
+With ``add`` (a residual stream's pending branch, HSTU layers' ``defer_residual``) the forward loads ``x`` and
+``add``, writes their sum ``s`` and normalises it; ``s`` is what the backward reads and what ``pass_through``
+returns, and the backward's ``dx`` is the gradient of both ``x`` and ``add``: the separate sum over ``[N, d]``
+(and one read of its result) is gone.
+
 With ``pass_through`` the function also returns ``x`` itself (a layer's residual path): autograd then hands
 that path's gradient to this backward, which adds it to ``dx`` in the same pass instead of a separate sum of
 two full-size gradients.
@@ -56,8 +61,9 @@ def _rowsum(x):
 
 
 @triton.jit
-def _gln_fwd(X, GROUP, W, B, GATE, Y, MEAN, RSTD, n_rows, d, eps, GATE_S,
-             HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gln_fwd(X, GROUP, W, B, GATE, Y, MEAN, RSTD, ADD, SUM, n_rows, d, eps, GATE_S,
+             HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
@@ -66,6 +72,11 @@ def _gln_fwd(X, GROUP, W, B, GATE, Y, MEAN, RSTD, n_rows, d, eps, GATE_S,
     ok = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_ADD:  # the rows normalised are x + add, stored (rounded as the backward reads them back)
+        s = (x + tl.load(ADD + rows64[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32))
+        s = s.to(SUM.dtype.element_ty)
+        tl.store(SUM + rows64[:, None] * d + cols[None, :], s, mask=ok)
+        x = s.to(tl.float32)
     mean = _rowsum(x) / d
     xc = tl.where(ok, x - mean[:, None], 0.0)
     var = _rowsum(xc * xc) / d
@@ -234,22 +245,28 @@ def _tiles_per_program(x: torch.Tensor, n_tiles: int) -> int:
 
 class _GroupLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, weight, bias, eps, gate, out_dtype, pass_through):
+    def forward(ctx, x, group, weight, bias, eps, gate, out_dtype, pass_through, add):
         n, d = x.shape
         x_in = x
         x, group, weight_c = x.contiguous(), group.contiguous(), weight.contiguous()
+        add_c = add.contiguous() if add is not None else None
+        # with add the rows normalised are their sum, written by the kernel: it takes x's place from here on
+        total = torch.empty(n, d, dtype=torch.result_type(x, add), device=x.device) if add is not None else None
         bias_c = bias.contiguous() if bias is not None else None
         gate_c = _rows(gate) if gate is not None else None  # a column slice is read in place (row stride)
-        y = torch.empty(n, d, dtype=out_dtype or x.dtype, device=x.device)
+        y = torch.empty(n, d, dtype=out_dtype or (x if total is None else total).dtype, device=x.device)
         mean = torch.empty(n, dtype=torch.float32, device=x.device)
         rstd = torch.empty(n, dtype=torch.float32, device=x.device)
         block_n, block_d, warps = _blocks(d)
         if n:
             _gln_fwd[(triton.cdiv(n, block_n),)](
-                x, group, weight_c, _or(bias_c, weight_c), _or(gate_c, x), y, mean, rstd, n, d, eps,
-                _stride(gate_c), HAS_BIAS=bias_c is not None, HAS_GATE=gate_c is not None,
-                BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+                x, group, weight_c, _or(bias_c, weight_c), _or(gate_c, x), y, mean, rstd, _or(add_c, x),
+                _or(total, x), n, d, eps, _stride(gate_c), HAS_BIAS=bias_c is not None, HAS_GATE=gate_c is not None,
+                HAS_ADD=add_c is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
             )
+        ctx.add_dtypes = (x_in.dtype, add.dtype) if add is not None else None  # x's and add's gradients: the sum's
+        if total is not None:
+            x = x_in = total
         ctx.save_for_backward(x, group, weight_c, bias_c, gate_c, mean, rstd)
         ctx.set_materialize_grads(False)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -261,7 +278,7 @@ class _GroupLayerNorm(torch.autograd.Function):
     def backward(ctx, dy, dres=None):
         x, group, weight, bias, gate, mean, rstd = ctx.saved_tensors
         if dy is None:  # only the passed-through x was used
-            return dres, None, None, None, None, None, None, None
+            return _inputs_grad(ctx, dres, (None,) * 7)
         n, d = x.shape
         n_groups = weight.shape[0]
         dy = dy.contiguous()
@@ -300,7 +317,15 @@ class _GroupLayerNorm(torch.autograd.Function):
         total = sums.sum(0) if splits > 1 else sums[0]
         dw = total[0].to(ctx.dtypes[0])
         db = total[1].to(ctx.dtypes[1]) if bias is not None else None
-        return dx, None, dw, db, None, dgate, None, None
+        return _inputs_grad(ctx, dx, (None, dw, db, None, dgate, None, None))
+
+
+def _inputs_grad(ctx, dx: torch.Tensor, others: tuple) -> tuple:
+    """The backward's gradients: ``dx`` for ``x`` (and for ``add``, in their dtypes: the sum's gradient), ``others``
+    for the inputs between them."""
+    if ctx.add_dtypes is None:
+        return dx, *others, None
+    return dx.to(ctx.add_dtypes[0]), *others, dx.to(ctx.add_dtypes[1])
 
 
 def _scratch(shape: tuple[int, ...], zeroed: bool, device: torch.device) -> torch.Tensor:
@@ -332,13 +357,15 @@ def group_layer_norm_triton(
     gate: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     pass_through: bool = False,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``x [N, d]``, ``group [N]`` int64, ``weight``/``bias [G, d]``, ``gate [N, d]`` or None -> ``[N, d]``
     in ``out_dtype`` (default ``x``'s): ``GLN(x)``, times ``gate`` when given (one kernel each way). The
     gate may be a column slice of a wider tensor: it is read in place. ``pass_through``: also return ``x``
-    itself, whose gradient the backward kernel then adds to its own (``HAS_RES``).
+    itself, whose gradient the backward kernel then adds to its own (``HAS_RES``). ``add``: normalise
+    ``x + add`` instead, written by the forward kernel (``HAS_ADD``) and passed through in ``x``'s place.
 
     Inputs already validated by :func:`recfm.kernels.group_layer_norm.group_layer_norm`. Runs on CUDA,
     or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
     """
-    return _GroupLayerNorm.apply(x, group, weight, bias, float(eps), gate, out_dtype, pass_through)
+    return _GroupLayerNorm.apply(x, group, weight, bias, float(eps), gate, out_dtype, pass_through, add)

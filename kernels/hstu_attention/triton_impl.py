@@ -138,6 +138,7 @@ class _Plan:
         # 4-byte one is turned by Triton's software pipeliner into per-element asynchronous copies through
         # shared memory, which made every bias table cost ~5x the attention itself (H100, docs/kernels.md)
         self.table_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        self._tables: dict = {}  # tables() of this call
 
     def cache_bias(self, q: torch.Tensor, num_q: int, backward: bool) -> None:
         """Allocate the bias cache (:data:`BIAS_CACHE`) when a table is on, a backward will read it and it fits
@@ -223,19 +224,28 @@ class _Plan:
         time = 0 if time_bias is None or time_bias.shape[0] == 1 else time_bias.shape[1]
         return pos, time
 
-    def tables(self, pos_bias, time_bias) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, pos_bias, time_bias, toeplitz: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The position and time tables as the kernels read them: contiguous, in :attr:`table_dtype`
-        (placeholders for absent ones)."""
-        ptab = pos_bias.to(self.table_dtype).contiguous() if pos_bias is not None else self.dummy_f
-        ttab = time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f
-        return ptab, ttab
+        (placeholders for absent ones); with ``toeplitz`` the position table in its Toeplitz layout
+        (:func:`.triton_meta.toeplitz_tables`). Made once per call and kept for its every launch, forward and
+        backward (the tables' version counters are checked: an in-place change makes them again)."""
+        versions = tuple(None if t is None else (id(t), t._version) for t in (pos_bias, time_bias))
+        if self._tables.get("versions") != versions:
+            self._tables = {"versions": versions}
+        if toeplitz not in self._tables:
+            if toeplitz:
+                ptab, ttab = self.tables(pos_bias, time_bias)
+                self._tables[True] = (toeplitz_tables(ptab), ttab)
+            else:
+                self._tables[False] = (
+                    pos_bias.to(self.table_dtype).contiguous() if pos_bias is not None else self.dummy_f,
+                    time_bias.to(self.table_dtype).contiguous() if time_bias is not None else self.dummy_f)
+        return self._tables[toeplitz]
 
     def tail(self, invn: torch.Tensor, pos_bias, time_bias, kind: str) -> tuple:
         """Arguments of kernel ``kind`` after the tensors the kernels differ in (the position table in that
         kernel's layout: the Toeplitz layout is built only for a kernel that reads it)."""
-        ptab, ttab = self.tables(pos_bias, time_bias)
-        if pos_bias is not None and self.uses_toep(kind):
-            ptab = toeplitz_tables(ptab)
+        ptab, ttab = self.tables(pos_bias, time_bias, toeplitz=pos_bias is not None and self.uses_toep(kind))
         t = self.tokens
         return (t.offsets, t.qoff, t.qtok, t.token_type, t.vis, t.seconds, t.positions, ptab, ttab, t.bounds,
                 t.stats, invn, t.kext, t.kchunks, t.qext, t.qchunks, *self.table_strides(pos_bias, time_bias, kind),

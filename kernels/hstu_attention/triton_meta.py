@@ -76,7 +76,8 @@ def segment_reduce(values: torch.Tensor, offsets: torch.Tensor, samples: torch.T
         out = values.new_full((num_samples, *cols), fill).scatter_reduce_(0, index, values,
                                                                           "amax" if largest else "amin")
     nonempty = (lengths > 0).view(-1, *[1] * len(cols))
-    return torch.where(nonempty, out, torch.as_tensor(empty, dtype=values.dtype, device=values.device))
+    # a Python scalar as it is: as_tensor would copy it to the device, a synchronising copy from pageable memory
+    return torch.where(nonempty, out, empty if isinstance(empty, int) else empty.to(values.dtype))
 
 
 def mixed_stats(offsets: torch.Tensor, token_type: torch.Tensor, num_tokens: int, max_len: int) -> torch.Tensor:
@@ -90,7 +91,8 @@ def mixed_stats(offsets: torch.Tensor, token_type: torch.Tensor, num_tokens: int
     values = torch.stack([-torch.where(is_h, lengths[samples], local), torch.where(is_h, local + 1, 0),
                           torch.where(is_event, local + 1, 0)], 1)
     stats = segment_reduce(values, offsets, samples, local, max_len, True, 0)
-    return (stats * stats.new_tensor([-1, 1, 1])).to(torch.int32).contiguous()
+    stats[:, 0].neg_()  # in place: a [-1, 1, 1] factor would be a copy from the host (a sync)
+    return stats.to(torch.int32).contiguous()
 
 
 def identity_prefix(offsets: torch.Tensor, positions: torch.Tensor, num_tokens: int, max_len: int) -> torch.Tensor:
@@ -150,8 +152,10 @@ def chunk_extremes(offsets: torch.Tensor, positions: torch.Tensor, seconds: torc
     size = num_rows // CHUNK + num_samples + 1
     big = 2**31 - 1
     if num_samples == 0 or num_rows == 0:
-        fill = torch.tensor([big, -1, big, -1, int(identity)], dtype=torch.int32, device=device)
-        return fill.expand(size, EXT_COLS).contiguous(), first.to(torch.int32)
+        ext = torch.empty(size, EXT_COLS, dtype=torch.int32, device=device)
+        for col, value in enumerate((big, -1, big, -1, int(identity))):
+            ext[:, col] = value
+        return ext, first.to(torch.int32)
     chunk = torch.arange(size, device=device)
     sample = torch.searchsorted(first[1:], chunk, right=True).clamp_(max=num_samples - 1)
     start = (chunk - first[sample]) * CHUNK  # the chunk's first row, counted inside its sample

@@ -78,12 +78,13 @@ class _LinearSiLU(torch.autograd.Function):
         count = len(params) // 2
         weights, biases = params[:count], params[count:]
         xc = x.to(dtype)
-        weight = torch.cat([w.to(dtype) for w in weights]) if count > 1 else weights[0].to(dtype)
+        # stacked and cast in one kernel each (a cast per weight, then a cat, is three)
+        weight = _cat_to(weights, dtype)
         with torch.autocast(x.device.type, enabled=False):
             if biases[0] is None:
                 pre = xc @ weight.t()
             else:
-                bias = torch.cat([b.to(dtype) for b in biases]) if count > 1 else biases[0].to(dtype)
+                bias = _cat_to(biases, dtype)
                 pre = torch.addmm(bias, xc, weight.t())
             if all(silu):
                 y = F.silu(pre)
@@ -124,12 +125,22 @@ class _LinearSiLU(torch.autograd.Function):
         dx = dpre @ weight if ctx.needs_input_grad[0] else None
         dws = [None] * len(ctx.rows)
         if any(w_needs):
-            dws = [d.to(t) if need else None
-                   for d, t, need in zip((dpre.t() @ xc).split(ctx.rows, 0), ctx.dtypes[0], w_needs)]
+            dw = dpre.t() @ xc
+            if len(set(ctx.dtypes[0])) == 1:  # one cast for all weights
+                dw = dw.to(ctx.dtypes[0][0])
+            dws = [d.to(t) if need else None for d, t, need in zip(dw.split(ctx.rows, 0), ctx.dtypes[0], w_needs)]
         dbs = [None] * len(ctx.rows)
         if any(b_needs):
             dbs = [d.to(t) if need else None for d, t, need in zip(part.sum(0).split(ctx.rows), ctx.dtypes[1], b_needs)]
         return (dx, None, None, None, *dws, *dbs)
+
+
+def _cat_to(tensors, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.cat(tensors)`` in ``dtype``: one kernel that stacks and casts."""
+    if len(tensors) == 1:
+        return tensors[0].to(dtype)
+    out = torch.empty(sum(t.shape[0] for t in tensors), *tensors[0].shape[1:], dtype=dtype, device=tensors[0].device)
+    return torch.cat(tensors, out=out)
 
 
 def linear_silu_triton(x, weights, biases, sizes, silu) -> tuple[torch.Tensor, ...]:
