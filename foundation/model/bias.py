@@ -92,10 +92,9 @@ def event_positions(
         timestamps: ``[N]`` int64; needed when ``token_type`` is given.
         num_tokens: ``N``.
     """
-    index = torch.arange(num_tokens, device=offsets.device)
     samples = sample_ids(offsets, num_tokens)
     if token_type is None:
-        return index - offsets[samples]
+        return torch.arange(num_tokens, device=offsets.device) - offsets[samples]
     is_h = token_type == int(TokenType.H)
     is_event = token_type != int(TokenType.T)
     # Event order inside a sample: H by position; then R and T by time, T first on a tie (a target sees

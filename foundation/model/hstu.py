@@ -220,8 +220,6 @@ class HSTULayer(nn.Module):
         if x.dim() != 2 or x.shape[1] != c.d_model:
             raise RecfmError(f"HSTULayer: x must be [N, d_model={c.d_model}], got {tuple(x.shape)}")
         # x comes back through the norm: the residual path's gradient is summed in its backward kernel
-        if add is not None and add.shape != x.shape:
-            raise RecfmError(f"HSTULayer: add must be x's shape {tuple(x.shape)}, got {tuple(add.shape)}")
         x_hat, x = self.norm_in(x, group, validate, out_dtype=autocast_dtype(x), pass_through=True, add=add)
         if query_index is None:
             x_q, group_q = x, group

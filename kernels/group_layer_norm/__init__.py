@@ -112,6 +112,4 @@ def group_layer_norm(
         fail(f"group ids must be in [0, {weight.shape[0]}), got {int(group.min())} .. {int(group.max())}")
     if gate is None and out_dtype in (None, x.dtype) and not pass_through and add is None:
         return IMPLS[impl](x, group, weight, bias, float(eps))
-    if add is None:
-        return IMPLS[impl](x, group, weight, bias, float(eps), gate, out_dtype, pass_through)
     return IMPLS[impl](x, group, weight, bias, float(eps), gate, out_dtype, pass_through, add)

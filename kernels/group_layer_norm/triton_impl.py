@@ -314,9 +314,9 @@ class _GroupLayerNorm(torch.autograd.Function):
                 part_w, part_b, touched, sums, programs, per_split, d, N_GROUPS=n_groups,
                 HAS_BIAS=bias is not None, TRACK=track, BLOCK_P=SUM_BLOCK_P, BLOCK=sum_block, num_warps=4,
             )
-        total = sums.sum(0) if splits > 1 else sums[0]
-        dw = total[0].to(ctx.dtypes[0])
-        db = total[1].to(ctx.dtypes[1]) if bias is not None else None
+        param_grads = sums.sum(0) if splits > 1 else sums[0]  # [2 (weight, bias), G, d]
+        dw = param_grads[0].to(ctx.dtypes[0])
+        db = param_grads[1].to(ctx.dtypes[1]) if bias is not None else None
         return _inputs_grad(ctx, dx, (None, dw, db, None, dgate, None, None))
 
 
