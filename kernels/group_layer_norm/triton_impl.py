@@ -36,7 +36,8 @@ sums the partials over programs into ``[splits, 2, G, d]``, reading only marked 
 the splits gives the ``[G, d]`` gradients. (A zero fill and ``partial.sum(0)`` of the whole buffer took
 ~0.5 ms per training step of the medium preset on an H100; tracking the rows inside the backward kernel
 cost it 2-23 registers per thread and an occupancy step.)
-No host synchronisation anywhere (grid sizes come from host-side shapes).
+The gated backward declares its tile offsets multiples of 4 (:func:`_bwd_vec4`): its tiles then share the
+float32 partial rows' store layout. No host synchronisation anywhere (grid sizes come from host-side shapes).
 """
 
 from __future__ import annotations
