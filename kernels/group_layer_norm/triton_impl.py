@@ -106,7 +106,8 @@ def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, RE
         rows = (pid * TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
         ok = row_ok[:, None] & col_ok[None, :]
-        offs = rows.to(tl.int64)[:, None] * d + cols[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        offs = rows64 * d + cols[None, :]
         if VEC4:  # (see _bwd_vec4)
             offs = tl.multiple_of(offs, [1, 4])
         # every load of the tile is issued before its first store: a load after a store waits for it (the gate's
@@ -114,16 +115,17 @@ def _gln_bwd(X, GROUP, W, B, GATE, DY, MEAN, RSTD, DX, DGATE, PART_W, PART_B, RE
         x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
         if HAS_GATE:
-            goffs = rows.to(tl.int64)[:, None] * GATE_S + cols[None, :]
+            goffs = rows64 * GATE_S + cols[None, :]
             if VEC4:
                 goffs = tl.multiple_of(goffs, [1, 4])
             gate = tl.load(GATE + goffs, mask=ok, other=0.0)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         g = tl.load(GROUP + rows, mask=row_ok, other=-1)
-        w = tl.load(W + tl.maximum(g, 0)[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        woffs = tl.maximum(g, 0)[:, None] * d + cols[None, :]  # the rows' groups' parameter rows
+        w = tl.load(W + woffs, mask=ok, other=0.0).to(tl.float32)
         if HAS_GATE and HAS_BIAS:
-            bias = tl.load(B + tl.maximum(g, 0)[:, None] * d + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            bias = tl.load(B + woffs, mask=ok, other=0.0).to(tl.float32)
         xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_GATE:  # y = GLN(x) * gate: dgate = dy * GLN(x), and GLN's upstream gradient is dy * gate
             normed = xhat * w
