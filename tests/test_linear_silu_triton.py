@@ -62,6 +62,47 @@ def test_matches_reference_fp32(n, outs, sizes, silu, bias):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n, d_in, sizes, silu, dtype", [
+    (300, 80, [72, 64, 64], [True, True, True], torch.float32),    # rows and K past a tile, 200 columns: one tile
+    (150, 24, [40, 24], [True, False], torch.float32),              # mixed SiLU: per-column flags
+    (129, 32, [96, 160, 64], [False, True, True], torch.bfloat16),  # two column tiles, the second partial
+    (7, 16, [32], [True], torch.float16),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_forward_matches_reference(monkeypatch, n, d_in, sizes, silu, dtype, bias):
+    """The forward's matmul with the SiLU in its epilogue (``_mm_silu``): both the saved pre-activation (through
+    the backward's gradients) and the outputs match the reference; 16-bit within their rounding."""
+    from recfm.kernels.linear_silu import triton_impl
+
+    calls = []
+    original = triton_impl._mm_silu_forward
+    monkeypatch.setattr(triton_impl, "_mm_silu_forward", lambda *a: calls.append(a[0].dtype) or original(*a))
+    outs = [sum(sizes[:2]), *sizes[2:]] if len(sizes) > 2 else [sum(sizes)]
+    x, weights, biases = _case(n, d_in, outs, seed=n + d_in, bias=bias)
+    got_out, got = _run("triton", x, weights, biases, sizes, silu, dtype)
+    want_out, want = _run("reference", x, weights, biases, sizes, silu, torch.float64)
+    if DEVICE == "cpu" or dtype != torch.float32:  # CUDA's float32 forward stays with cuBLAS
+        assert calls == [dtype]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for g, w in zip((*got_out, *got), (*want_out, *want)):
+        assert g.dtype == dtype
+        scale = w.abs().max().clamp(min=1).item()
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * scale)
+
+
+def test_fused_forward_needs_aligned_rows(monkeypatch):
+    """A row of x not a multiple of 16 bytes (TMA's alignment) takes cuBLAS's addmm and F.silu instead."""
+    from recfm.kernels.linear_silu import triton_impl
+
+    monkeypatch.setattr(triton_impl, "_mm_silu_forward", None)  # would fail if called
+    x, weights, biases = _case(9, 20, [32], seed=4)
+    assert not triton_impl._fused_forward(x.to(DEVICE, torch.float16), weights[0].to(DEVICE, torch.float16))
+    got_out, got = _run("triton", x, weights, biases, [32], [True], torch.float16)
+    want_out, want = _run("reference", x, weights, biases, [32], [True], torch.float64)
+    for g, w in zip((*got_out, *got), (*want_out, *want)):
+        torch.testing.assert_close(g.double(), w, rtol=2e-2, atol=2e-2 * w.abs().max().clamp(min=1).item())
+
+
 def test_unused_part_gets_no_gradient():
     """A part left out of the loss contributes nothing: its weight rows and bias get zero gradients."""
     x, weights, biases = _case(50, 16, [32], seed=3)
