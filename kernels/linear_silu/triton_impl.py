@@ -110,7 +110,8 @@ def _mm_silu(X, W, PRE, Y, B, ACT, n_rows, n_cols, k, programs, HAS_BIAS: tl.con
 
 # the fused forward's tiles: H100, [81000, 768] x [768, 3072] bf16 with bias (the medium preset's projection): 762 us
 # against 876 for cuBLAS's addmm and F.silu; 128 x 256 x 64 in 4 stages, 8 warps, the epilogue in column quarters
-# (halves: 770, whole tiles in 3 stages: 913; 256 x 128: 784-840; exact sigmoid instead of tanh.approx: 843)
+# (halves: 770, whole tiles in 3 stages: 913; 256 x 128: 784-840; exact sigmoid instead of tanh.approx: 843). With
+# per-column flags (parts with and without SiLU) the epilogue's flag load and select cost ~100 us more there (835)
 MM_BM, MM_BN, MM_BK, MM_STAGES, MM_WARPS, MM_GROUP_M = 128, 256, 64, 4, 8, 8
 
 
@@ -142,7 +143,8 @@ def _mm_silu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     bk = min(MM_BK, max(16, triton.next_power_of_2(k)))
     act = None
     if not all(silu):
-        act = torch.cat([torch.full((size,), int(a), dtype=torch.int8, device=x.device) for size, a in zip(sizes, silu)])
+        act = torch.cat([torch.full((size,), int(a), dtype=torch.int8, device=x.device)
+                         for size, a in zip(sizes, silu)])
     tiles = triton.cdiv(n, MM_BM) * triton.cdiv(width, bn)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     programs = min(tiles, sms)
