@@ -18,8 +18,9 @@ Under autocast the matmul runs in the autocast dtype (as ``nn.Linear`` would) an
   pre-activation and its SiLU (16-bit inputs on GPUs with TMA; cuBLAS and ``F.silu`` elsewhere); the
   backward's matmuls stay with cuBLAS and its elementwise work is one Triton kernel per part that reads
   the part's incoming gradient and the saved pre-activation and writes ``dpre = dy * SiLU'(pre)`` into its
-  columns of one buffer, with the bias gradient's column sums in the same pass. Autograd would instead concatenate the parts' gradients, apply SiLU's backward to the whole, and
-  sum the columns for the bias: three passes over ``[N, sum(sizes)]`` instead of one.
+  columns of one buffer, with the bias gradient's column sums in the same pass. Autograd would instead
+  concatenate the parts' gradients, apply SiLU's backward to the whole, and sum the columns for the bias:
+  three passes over ``[N, sum(sizes)]`` instead of one.
 """
 
 from __future__ import annotations
