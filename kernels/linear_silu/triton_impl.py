@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from recfm.kernels.hstu_attention.triton_common import tanh_approx
 from recfm.kernels.interpreter import index_fix, interpreting
 from recfm.kernels.linear_silu import autocast_dtype
 
@@ -41,12 +42,6 @@ try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: cuBLAS and F.silu
     TensorDescriptor = None
-
-
-@triton.jit
-def _tanh_fast(h):
-    """``tanh(h)`` by the GPU's special-function unit (one instruction)."""
-    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [h], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -63,7 +58,7 @@ def _mm_silu_store(acc, B, ACT, PRE, Y, row, col, n_cols, HAS_BIAS: tl.constexpr
     p = pre.to(tl.float32)
     h = 0.5 * p
     if FAST:
-        y = h + h * _tanh_fast(h)
+        y = h + h * tanh_approx(h)
     else:
         y = p * tl.sigmoid(p)
     if ACT_MODE == 2:
@@ -123,10 +118,11 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 def _fused_forward(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the forward runs :func:`_mm_silu`: 16-bit CUDA tensors on a GPU with TMA, or the interpreter
-    (any float dtype: tests), TMA-addressable operands and results, and rows to compute."""
-    if TensorDescriptor is None or x.shape[0] == 0 or (x.shape[1] * x.element_size()) % 16:
+    (any float dtype: tests), TMA-addressable operands and results (``pre`` and ``y``: rows of ``weight.shape[0]``
+    elements), and rows to compute."""
+    if TensorDescriptor is None or x.shape[0] == 0 or (weight.shape[0] * x.element_size()) % 16:
         return False
-    if (weight.shape[0] * x.element_size()) % 16 or not (_tma_ok(x) and _tma_ok(weight)):
+    if not (_tma_ok(x) and _tma_ok(weight)):
         return False
     if x.is_cuda:
         return x.dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(x.device)[0] >= 9
@@ -211,21 +207,12 @@ class _LinearSiLU(torch.autograd.Function):
         # stacked and cast in one kernel each (a cast per weight, then a cat, is three)
         weight = _cat_to(weights, dtype)
         bias = None if biases[0] is None else _cat_to(biases, dtype)
-        y = None
         with torch.autocast(x.device.type, enabled=False):
             if any(silu) and _fused_forward(xc, weight):
                 pre, y = _mm_silu_forward(xc, weight, bias, sizes, silu)
-            elif bias is None:
-                pre = xc @ weight.t()
             else:
-                pre = torch.addmm(bias, xc, weight.t())
-            if y is None:
-                if all(silu):
-                    y = F.silu(pre)
-                elif any(silu):
-                    y = torch.cat([F.silu(p) if act else p for p, act in zip(pre.split(list(sizes), 1), silu)], 1)
-                else:
-                    y = pre
+                pre = xc @ weight.t() if bias is None else torch.addmm(bias, xc, weight.t())
+                y = _silu_parts(pre, sizes, silu)
         ctx.save_for_backward(xc, weight, pre if any(silu) else None)  # the pre-activation serves SiLU' only
         ctx.sizes, ctx.silu = sizes, silu
         ctx.rows = [w.shape[0] for w in weights]
@@ -267,6 +254,15 @@ class _LinearSiLU(torch.autograd.Function):
         if any(b_needs):
             dbs = [d.to(t) if need else None for d, t, need in zip(part.sum(0).split(ctx.rows), ctx.dtypes[1], b_needs)]
         return (dx, None, None, None, *dws, *dbs)
+
+
+def _silu_parts(pre: torch.Tensor, sizes, silu) -> torch.Tensor:
+    """``pre`` with ``F.silu`` on the columns of the flagged parts (cuBLAS's path)."""
+    if all(silu):
+        return F.silu(pre)
+    if not any(silu):
+        return pre
+    return torch.cat([F.silu(p) if act else p for p, act in zip(pre.split(list(sizes), 1), silu)], 1)
 
 
 def _cat_to(tensors, dtype: torch.dtype) -> torch.Tensor:
